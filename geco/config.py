@@ -1,0 +1,236 @@
+"""Typed configuration for every stage of the GECO DAG.
+
+One flat, documented model per concern, loaded from YAML in ``configs/`` and validated before any
+work starts. Command-line overrides use dotted paths: ``--set render.blender.samples=32``.
+
+An error names the file, the field and what is allowed, e.g.::
+
+    configs/local.yaml: render.blender.samples: Input should be greater than or equal to 1 (got 0)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos: reject them rather than silently ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Object sources
+# --------------------------------------------------------------------------------------------
+class SourceConfig(_Strict):
+    kind: Literal["dir", "objaverse", "gso", "procedural"] = "procedural"
+    # dir: a local directory or s3:// prefix of .glb/.gltf/.obj files (+ .mtl and textures).
+    # objaverse: a local or s3:// text file with one Objaverse UID per line.
+    # gso: a Google Scanned Objects folder (<name>/meshes/model.obj).
+    # procedural: textured objects generated in code (tests and the embedded demo).
+    uri: str = ""
+    # procedural only: how many objects to generate.
+    num_procedural: int = Field(8, ge=1)
+    # Keep at most this many objects (0 = all), taken in sorted id order: a cheap way to subset.
+    limit: int = Field(0, ge=0)
+    # Objaverse only: a local folder used as the objaverse package's download cache (its on-disk
+    # layout `hf-objaverse-v1/glbs/<group>/<uid>.glb`); empty = the package's default (~/.objaverse).
+    objaverse_cache: str = ""
+    # Skip objects whose licence is in this list (e.g. ["by-nc", "by-nc-sa"]); case-insensitive.
+    exclude_licenses: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _uri_needed(self) -> "SourceConfig":
+        if self.kind != "procedural" and not self.uri:
+            raise ValueError(f"source.uri is required for source.kind={self.kind!r}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+class CondViewConfig(_Strict):
+    """The single conditioning view per object (the teacher's input image)."""
+
+    fov_deg: float = Field(49.1, gt=0, lt=180)  # full field of view across the image width
+    radius: float = Field(1.5, gt=0)  # camera distance from the origin (object in [-0.5, 0.5]^3)
+    resolution: int = Field(512, ge=8)  # square image side in pixels
+    elevation_range: tuple[float, float] = (-10.0, 40.0)  # degrees, uniform; azimuth uniform
+
+
+class Zero123ViewsConfig(_Strict):
+    """The 6 Zero123++ target views: azimuth relative to the conditioning view, elevation absolute."""
+
+    fov_deg: float = Field(30.0, gt=0, lt=180)
+    radius: float = Field(2.0, gt=0)
+    resolution: int = Field(320, ge=8)  # one grid tile
+    elevations: tuple[float, float] = (20.0, -10.0)  # alternating, v1.2 (v1.1: 30/-20)
+
+
+class RandomViewsConfig(_Strict):
+    """N random supervision views per object."""
+
+    count: int = Field(8, ge=0)
+    fov_deg: float = Field(49.1, gt=0, lt=180)
+    radius: float = Field(1.5, gt=0)
+    resolution: int = Field(256, ge=8)
+    elevation_range: tuple[float, float] = (-20.0, 50.0)  # degrees, uniform; azimuth uniform
+
+
+class BlenderConfig(_Strict):
+    """How Blender renders: engine, quality, device, and per-object limits."""
+
+    engine: Literal["CYCLES", "BLENDER_EEVEE_NEXT"] = "CYCLES"
+    samples: int = Field(16, ge=1)  # Cycles samples per pixel
+    device: Literal["CPU", "CUDA", "OPTIX"] = "CPU"  # Cycles compute device
+    denoiser: Literal["INTEL", "OPTIX", "NONE"] = "NONE"
+    threads: int = Field(0, ge=0)  # Cycles CPU threads per renderer (0 = all cores)
+    timeout_s: float = Field(300.0, gt=0)  # per object; a renderer past it is killed and restarted
+    max_objects_per_process: int = Field(500, ge=1)  # recycle a Blender process after this many
+    light_strength: float = Field(1.0, gt=0)  # uniform world (ambient) light strength
+
+
+class RenderConfig(_Strict):
+    cond: CondViewConfig = CondViewConfig()
+    zero123: Zero123ViewsConfig = Zero123ViewsConfig()
+    random: RandomViewsConfig = RandomViewsConfig()
+    blender: BlenderConfig = BlenderConfig()
+    seed: int = 0  # random poses are seeded from hash(object id, seed): re-renders are identical
+    depth: bool = True  # write NNN.depth.npy (camera z-depth, float16, 0 where no surface)
+    normals: bool = True  # write NNN.normal.png (world-space normals as (n+1)/2)
+
+    def settings_hash(self) -> str:
+        """A short hash of everything that changes the pixels (not timeouts or process limits)."""
+        d = self.model_dump(mode="json")
+        for k in ("timeout_s", "max_objects_per_process", "threads"):
+            d["blender"].pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Shards, Ray, tracking
+# --------------------------------------------------------------------------------------------
+class ShardsConfig(_Strict):
+    samples_per_shard: int = Field(64, ge=1)  # objects per shard-NNNNNN.tar
+    val_fraction: float = Field(0.02, ge=0, lt=1)  # validation split, by hash of the object id
+    # Abort when more than this fraction of the attempted objects fail (after `min_attempts`):
+    # that is a broken install, not broken objects.
+    max_failure_rate: float = Field(0.5, gt=0, le=1)
+    min_attempts: int = Field(8, ge=1)
+
+
+class CacheConfig(_Strict):
+    dir: str = ""  # per-node cache of raw objects fetched from S3/Objaverse ("" = system temp)
+    max_gb: float = Field(20.0, gt=0)  # size cap; least recently used files are evicted
+
+
+class RayConfig(_Strict):
+    address: str = "local"  # "local" starts an embedded Ray; "auto" joins a running cluster
+    num_renderers: int = Field(1, ge=1)  # long-lived Blender actors
+    cpus_per_renderer: float = Field(1.0, gt=0)
+    gpus_per_renderer: float = Field(0.0, ge=0)
+
+
+class TrackingConfig(_Strict):
+    # MLflow tracking URI: a sqlite file (embedded default) or an http(s) server.
+    uri: str = "sqlite:///mlruns.db"
+    experiment: str = "geco"
+    enabled: bool = True
+    contact_sheet_objects: int = Field(4, ge=0)  # rendered objects shown in the contact sheet
+
+
+class RenderJobConfig(_Strict):
+    """`geco render`: objects in, WebDataset shards + manifest + failures table out."""
+
+    source: SourceConfig = SourceConfig()
+    output: str = "outputs/shards"  # local dir or s3://bucket/prefix for shards + manifest
+    render: RenderConfig = RenderConfig()
+    shards: ShardsConfig = ShardsConfig()
+    cache: CacheConfig = CacheConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class GecoConfig(_Strict):
+    """The whole DAG. Stages are added by later issues; each reads its own section."""
+
+    name: str = "geco-local"  # names the MLflow parent run and Ray Train runs
+    render: RenderJobConfig = RenderJobConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ "):
+            raise ValueError("must be non-empty with no slashes or spaces")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars/flows: 256, 0.5, true, [1, 2], s3://b/p."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a nested dict (creating sections as needed)."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. render.blender.samples=32")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_scalar(value)
+    return data
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"  {loc}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def validate(model: type[BaseModel], data: dict, source: str = "<config>"):
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                model: type[BaseModel] = GecoConfig):
+    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + --set " + " ".join(overrides)
+    return validate(model, data, source)

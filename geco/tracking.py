@@ -1,0 +1,137 @@
+"""MLflow helpers: one parent run per DAG, one child run per stage.
+
+The embedded default tracks to a local sqlite file (``sqlite:///mlruns.db``); a cluster points
+``tracking.uri`` at an MLflow server. Nothing here imports Ray: the pipelines call these from the
+driver (or from rank 0 of a Ray Train job).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists become JSON strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+class Tracker:
+    """A thin wrapper over an active MLflow run; a disabled tracker accepts calls and does nothing."""
+
+    def __init__(self, run=None):
+        self.run = run
+
+    @property
+    def enabled(self) -> bool:
+        return self.run is not None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.run else None
+
+    def log_params(self, params: dict) -> None:
+        if self.run:
+            import mlflow
+
+            flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+            items = list(flat.items())
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.run:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.run:
+            import mlflow
+
+            mlflow.set_tags(tags)
+
+    def log_image(self, image: np.ndarray, name: str) -> None:
+        """``image`` HxWx{3,4} uint8, saved as ``name`` (a .png path inside the run's artifacts)."""
+        if self.run:
+            import mlflow
+
+            mlflow.log_image(image, name)
+
+    def log_dict(self, data: Any, name: str) -> None:
+        if self.run:
+            import mlflow
+
+            mlflow.log_dict(data, name)
+
+    def log_table(self, rows: list[dict], name: str) -> None:
+        """Rows as an MLflow table artifact (``name`` ends with .json), viewable in the UI."""
+        if self.run and rows:
+            import mlflow
+
+            columns = sorted({k for r in rows for k in r})
+            mlflow.log_table({c: [r.get(c) for r in rows] for c in columns}, artifact_file=name)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self.run:
+            import mlflow
+
+            mlflow.log_text(text, name)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.run:
+            import mlflow
+
+            mlflow.log_artifact(str(path), artifact_path)
+
+
+@contextlib.contextmanager
+def start_run(tracking_cfg, run_name: str, *, parent_run_id: str | None = None,
+              tags: dict | None = None) -> Iterator[Tracker]:
+    """Open an MLflow run (nested under ``parent_run_id`` when given); yields a :class:`Tracker`.
+
+    ``tracking_cfg`` is a :class:`geco.config.TrackingConfig`. When tracking is disabled the
+    tracker is a no-op, so stage code never branches on it.
+    """
+    if not tracking_cfg.enabled:
+        yield Tracker(None)
+        return
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(tracking_cfg.uri)
+    mlflow.set_experiment(tracking_cfg.experiment)
+    run_tags = dict(tags or {})
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=run_name, tags=run_tags, nested=mlflow.active_run() is not None) as run:
+        yield Tracker(run)
+
+
+def image_grid(images: list[np.ndarray], cols: int, pad: int = 2, bg: int = 255) -> np.ndarray:
+    """Tile HxWx3 uint8 images (resized by nearest neighbour to the first's size) into a grid."""
+    if not images:
+        return np.full((8, 8, 3), bg, np.uint8)
+    h, w = images[0].shape[:2]
+    rows = (len(images) + cols - 1) // cols
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), bg, np.uint8)
+    for i, img in enumerate(images):
+        if img.shape[:2] != (h, w):
+            yi = (np.arange(h) * img.shape[0] / h).astype(int)
+            xi = (np.arange(w) * img.shape[1] / w).astype(int)
+            img = img[yi][:, xi]
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img[..., :3]
+    return grid
