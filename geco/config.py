@@ -116,15 +116,21 @@ class RenderConfig(_Strict):
 
 
 # --------------------------------------------------------------------------------------------
-# Shards, Ray, tracking
+# Dataset, cache, Ray, tracking
 # --------------------------------------------------------------------------------------------
-class ShardsConfig(_Strict):
+class DatasetConfig(_Strict):
+    """Where the shards live and how they are cut."""
+
+    uri: str = "outputs/shards"  # local dir or s3://bucket/prefix for shards, manifest, failures
     samples_per_shard: int = Field(64, ge=1)  # objects per shard-NNNNNN.tar
     val_fraction: float = Field(0.02, ge=0, lt=1)  # validation split, by hash of the object id
-    # Abort when more than this fraction of the attempted objects fail (after `min_attempts`):
-    # that is a broken install, not broken objects.
-    max_failure_rate: float = Field(0.5, gt=0, le=1)
-    min_attempts: int = Field(8, ge=1)
+
+
+class JobLimitsConfig(_Strict):
+    """When a render job gives up: mostly-failing objects mean a broken install, not bad objects."""
+
+    max_failure_rate: float = Field(0.5, gt=0, le=1)  # abort above this fraction of failures ...
+    min_attempts: int = Field(8, ge=1)  # ... once at least this many objects were attempted
 
 
 class CacheConfig(_Strict):
@@ -135,7 +141,7 @@ class CacheConfig(_Strict):
 class RayConfig(_Strict):
     address: str = "local"  # "local" starts an embedded Ray; "auto" joins a running cluster
     num_renderers: int = Field(1, ge=1)  # long-lived Blender actors
-    cpus_per_renderer: float = Field(1.0, gt=0)
+    cpus_per_renderer: float = Field(1.0, gt=0)  # fractional on small machines (Ray Data needs CPUs too)
     gpus_per_renderer: float = Field(0.0, ge=0)
 
 
@@ -147,23 +153,17 @@ class TrackingConfig(_Strict):
     contact_sheet_objects: int = Field(4, ge=0)  # rendered objects shown in the contact sheet
 
 
-class RenderJobConfig(_Strict):
-    """`geco render`: objects in, WebDataset shards + manifest + failures table out."""
+class GecoConfig(_Strict):
+    """The whole DAG in one flat config; each stage reads the sections it needs."""
 
+    name: str = "geco-local"  # names the MLflow parent run and Ray Train runs
     source: SourceConfig = SourceConfig()
-    output: str = "outputs/shards"  # local dir or s3://bucket/prefix for shards + manifest
     render: RenderConfig = RenderConfig()
-    shards: ShardsConfig = ShardsConfig()
+    limits: JobLimitsConfig = JobLimitsConfig()
+    dataset: DatasetConfig = DatasetConfig()
     cache: CacheConfig = CacheConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
-
-
-class GecoConfig(_Strict):
-    """The whole DAG. Stages are added by later issues; each reads its own section."""
-
-    name: str = "geco-local"  # names the MLflow parent run and Ray Train runs
-    render: RenderJobConfig = RenderJobConfig()
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,37 @@
+# Two commands after `git clone`:  make demo  (the main job on the embedded default)  and  make test.
+# Both install everything they need into .venv first (pip; see README for why not uv/poetry).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BENCH  ?=
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (bpy 4.2 wheels exist only for 3.11); set PYTHON=/path/to/python3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[render,dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/geco render --config configs/local.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not blender"
+
+bench: install
+	$(PY) -m benchmarks $(BENCH)
+
+lint: install
+	$(VENV)/bin/ruff check geco pipelines jobs tests benchmarks
+
+clean:
+	rm -rf outputs mlruns.db .pytest_cache
