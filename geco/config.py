@@ -178,7 +178,7 @@ class GecoConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 def _parse_scalar(text: str) -> Any:
     """`--set` values are YAML scalars/flows: 256, 0.5, true, [1, 2], s3://b/p."""
-    return yaml.safe_load(text)
+    return yaml.safe_load(text) if text.strip() else ""
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -47,11 +47,13 @@ def s3_bucket(s3_env):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
+    """A local Ray whose workers see the local S3 endpoint in their environment, as the nodes of
+    a cluster see theirs (the standard AWS variables, never passed through configs)."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
-             ignore_reinit_error=True)
+             ignore_reinit_error=True, runtime_env={"env_vars": s3_server.env()})
     yield ray
     ray.shutdown()
 

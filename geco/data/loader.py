@@ -42,6 +42,7 @@ from geco.data.shards import current_samples, read_latest_manifest
 
 __all__ = [
     "ShardDataset",
+    "iter_dataset",
     "iter_raw_samples",
     "iter_samples",
     "manifest_filter",
@@ -144,6 +145,16 @@ def iter_samples(shard_uris: Iterable[str], *, decode: bool = True, background=(
                                 with_normals=with_normals)
         else:
             yield sample
+
+
+def iter_dataset(output: str, split: str | None = "train", **kwargs) -> Iterator[dict[str, Any]]:
+    """The current samples of ``split`` in the dataset at ``output`` (latest manifest; each
+    object once, superseded copies skipped); ``kwargs`` as for :func:`iter_samples`."""
+    manifest = read_latest_manifest(output)
+    if manifest is None:
+        raise FileNotFoundError(f"{output}: no manifest; run `geco render` first")
+    uris = shard_uris_from_manifest(output, split, manifest=manifest)
+    yield from iter_samples(uris, keep=manifest_filter(manifest, split), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,308 @@
+"""DAG stage `render`: objects in → WebDataset shards + manifest + failures table out.
+
+    refs = list objects (source)                                    [driver]
+    todo = refs not yet in committed shards (content hash + settings), minus known failures
+    Ray Data: from_items(todo) → map_batches(RenderActor)           [long-lived Blender actors]
+    driver: stream results → ShardWriter (atomic, immutable shards) → manifest version + failures
+    MLflow: params, counts, throughput, failures table, contact sheet
+
+Each `RenderActor` owns one long-lived Blender child process (`geco.render.blender.worker`):
+start-up (1–2.5 s) is paid once per actor, a hung object is killed at `render.blender.timeout_s`
+and the child restarted, and Blender's exit-time segfault never decides success. Ray restarts an
+actor that dies (`max_restarts=-1`) and retries its object (`max_task_retries=-1`).
+
+Resumable: the committed shard index files are the source of truth, so a job killed midway
+resumes with what it committed; a re-run with the same config renders nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from geco import storage
+from geco.config import GecoConfig, RenderConfig
+from geco.data import schema, shards
+from geco.data.cache import ObjectCache
+from geco.sources import ObjectRef, list_objects, source_list_hash
+from geco.tracking import image_grid, start_run
+
+FAULT_ENV = "GECO_RENDER_FAULT"  # test-only fault injection, forwarded to the render actors
+
+
+class RenderAborted(RuntimeError):
+    """Too many objects failed: a broken install or setup, not broken objects."""
+
+
+@dataclass
+class RenderOutputs:
+    dataset_uri: str
+    manifest_uri: str | None
+    failures_uri: str | None
+    new_shards: list[str] = field(default_factory=list)
+    rendered: int = 0
+    skipped: int = 0
+    failed: int = 0
+    previously_failed: int = 0
+    excluded: int = 0
+    seconds: float = 0.0
+    render_seconds: list[float] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return True
+
+    @property
+    def seconds_per_object(self) -> float:
+        n = self.rendered + self.failed
+        return self.seconds / n if n else 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"render: {self.rendered} rendered, {self.skipped} skipped (already done), "
+            f"{self.failed} failed, {self.previously_failed} skipped (failed before; --retry-failed), "
+            f"{self.excluded} excluded by licence",
+            f"  {len(self.new_shards)} new shard(s) in {self.dataset_uri}; "
+            f"{self.seconds:.1f} s wall, {self.seconds_per_object:.2f} s/object",
+        ]
+        if self.manifest_uri:
+            lines.append(f"  manifest: {self.manifest_uri}")
+        if self.failures_uri:
+            lines.append(f"  failures: {self.failures_uri}")
+        if self.mlflow_run_id:
+            lines.append(f"  mlflow run: {self.mlflow_run_id}")
+        return "\n".join(lines)
+
+
+def render_hash(ref: ObjectRef, render: RenderConfig) -> str:
+    """What decides whether an object must be (re-)rendered: its bytes and the render settings."""
+    return hashlib.sha256(f"{ref.content_hash}:{render.settings_hash()}".encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing a rendered object into one bytes value (one Arrow cell) between actor and driver
+# ---------------------------------------------------------------------------------------------
+def pack_members(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in sorted(members.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def unpack_members(blob: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray actor: one long-lived Blender per actor
+# ---------------------------------------------------------------------------------------------
+class RenderActor:
+    """Ray Data callable class: renders a batch of objects (one per row) with its own Blender."""
+
+    def __init__(self, render_json: str, cache_dir: str, cache_max_gb: float):
+        from geco.render.blender.worker import BlenderRenderer
+
+        self.render = RenderConfig.model_validate_json(render_json)
+        b = self.render.blender
+        self.renderer = BlenderRenderer(max_objects_per_process=b.max_objects_per_process)
+        self.cache = ObjectCache(cache_dir, cache_max_gb)
+
+    def _maybe_die(self, object_id: str) -> None:
+        """Test-only: ``kill-actor:<object id>:<marker file>`` kills this actor process once."""
+        for spec in os.environ.get(FAULT_ENV, "").split(","):
+            parts = spec.split(":", 2)
+            if len(parts) == 3 and parts[0] == "kill-actor" and parts[1] == object_id:
+                marker = Path(parts[2])
+                if not marker.exists():
+                    marker.write_text(str(os.getpid()))
+                    self.renderer.close()
+                    os._exit(1)
+
+    def _render_one(self, ref: ObjectRef) -> dict:
+        from geco.render.views import blender_settings, cameras_for
+
+        out = {"object_id": ref.object_id, "uri": ref.uri, "ok": False, "reason": "", "log_tail": "",
+               "seconds": 0.0, "sample": b"", "meta": "{}"}
+        t0 = time.perf_counter()
+        try:
+            path = self.cache.fetch(ref)
+        except Exception as e:  # unreadable/missing object: recorded, never fatal to the job
+            out.update(reason=f"fetch failed: {type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+            return out
+        self._maybe_die(ref.object_id)
+        cams = [c.to_dict() for c in cameras_for(ref.object_id, self.render)]
+        with tempfile.TemporaryDirectory(prefix="geco-render-") as tmp:
+            res = self.renderer.render(ref.object_id, str(path), cams, blender_settings(self.render), tmp,
+                                       timeout_s=self.render.blender.timeout_s)
+            out.update(ok=res.ok, reason=res.reason, log_tail=res.log_tail, seconds=time.perf_counter() - t0)
+            if res.ok:
+                meta = {**res.meta, "source_uri": ref.uri, "content_hash": ref.content_hash,
+                        "license": ref.license, "source_kind": ref.source_kind,
+                        "source_warnings": ref.warnings(), **ref.extra}
+                Path(tmp, "meta.json").write_text(json.dumps(meta, sort_keys=True, default=str))
+                try:
+                    members = schema.sample_from_dir(ref.object_id, tmp)
+                except Exception as e:  # renderer said ok but a member is missing: record it
+                    out.update(ok=False, reason=f"incomplete render: {e}")
+                    return out
+                members.pop("__key__", None)
+                out.update(sample=pack_members(members), meta=json.dumps(meta, default=str))
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [self._render_one(ObjectRef.from_json(j)) for j in batch["ref"]]
+        return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+    def __del__(self):
+        try:
+            self.renderer.close()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+def _init_ray(address: str) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+def _contact_sheet(samples: list[tuple[str, dict[str, bytes]]]) -> np.ndarray:
+    """One row per object: the conditioning view, then the 6 Zero123++ views, on white."""
+    from PIL import Image
+
+    def on_white(png: bytes) -> np.ndarray:
+        im = np.asarray(Image.open(io.BytesIO(png)).convert("RGBA")).astype(np.float32) / 255
+        return (255 * (im[..., :3] * im[..., 3:] + (1 - im[..., 3:]))).round().astype(np.uint8)
+
+    tiles = []
+    for _, m in samples:
+        tiles += [on_white(m["cond.png"])] + [on_white(m[f"{i:03d}.png"]) for i in range(6)]
+    return image_grid(tiles, cols=7)
+
+
+def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
+        parent_run_id: str | None = None) -> RenderOutputs:
+    """Render ``cfg.source`` into shards at ``cfg.dataset.uri``; returns what it wrote."""
+    import ray
+
+    t_start = time.perf_counter()
+    out_uri = cfg.dataset.uri
+    # Fail fast, before any work: output writable, source readable.
+    storage.check_writable(out_uri)
+    if cfg.source.kind != "procedural":
+        storage.check_readable(cfg.source.uri)
+
+    listing = list_objects(cfg.source)
+    refs, rejected, excluded = listing.objects, listing.rejected, listing.excluded
+    state = shards.committed_state(out_uri)
+    done: dict[str, str] = state["objects"]  # object id -> render hash of its committed sample
+    prev_failures = {r["object_id"]: r for r in shards.read_failures(out_uri)}
+
+    todo, skipped, previously_failed = [], 0, 0
+    hashes = {r.object_id: render_hash(r, cfg.render) for r in refs}
+    for ref in refs:
+        h = hashes[ref.object_id]
+        if not force and done.get(ref.object_id) == h:
+            skipped += 1
+        elif not force and not retry_failed and prev_failures.get(ref.object_id, {}).get("render_hash") == h:
+            previously_failed += 1
+        else:
+            todo.append(ref)
+    failures = [{"object_id": r.object_id, "uri": r.uri, "reason": r.reason, "log_tail": "", "seconds": 0.0,
+                 "render_hash": ""} for r in rejected]
+
+    result = RenderOutputs(dataset_uri=out_uri, manifest_uri=None, failures_uri=None, skipped=skipped,
+                           previously_failed=previously_failed, excluded=len(excluded))
+    writer = shards.ShardWriter(out_uri, cfg.dataset.samples_per_shard, start_index=state["next_index"])
+    sheet: list[tuple[str, dict[str, bytes]]] = []
+    abort: str | None = None
+
+    with start_run(cfg.tracking, run_name=f"{cfg.name}/render", parent_run_id=parent_run_id,
+                   tags={"geco.stage": "render"}) as tracker:
+        tracker.log_params({"source": cfg.source.model_dump(mode="json"), "render": cfg.render.model_dump(mode="json"),
+                            "dataset": cfg.dataset.model_dump(mode="json"), "ray": cfg.ray.model_dump(mode="json"),
+                            "limits": cfg.limits.model_dump(mode="json"), "force": force,
+                            "render.settings_hash": cfg.render.settings_hash()})
+        result.mlflow_run_id = tracker.run_id
+        if todo:
+            _init_ray(cfg.ray.address)
+            fault = {FAULT_ENV: os.environ[FAULT_ENV]} if FAULT_ENV in os.environ else {}
+            ds = ray.data.from_items([{"ref": r.to_json()} for r in todo], override_num_blocks=len(todo))
+            ds = ds.map_batches(
+                RenderActor, batch_size=1,
+                fn_constructor_kwargs={"render_json": cfg.render.model_dump_json(), "cache_dir": cfg.cache.dir,
+                                       "cache_max_gb": cfg.cache.max_gb},
+                compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_renderers),
+                num_cpus=cfg.ray.cpus_per_renderer, num_gpus=cfg.ray.gpus_per_renderer or None,
+                runtime_env={"env_vars": fault} if fault else None,
+            )
+            attempted = 0
+            seen: set[str] = set()
+            for row in ds.iter_rows():
+                oid = row["object_id"]
+                if oid in seen:  # a retried task may deliver an object twice: keep the first
+                    continue
+                seen.add(oid)
+                attempted += 1
+                if row["ok"]:
+                    members = unpack_members(row["sample"])
+                    writer.add(schema.sample_from_members(oid, members), hashes[oid],
+                               shards.split_for(oid, cfg.dataset.val_fraction))
+                    result.rendered += 1
+                    result.render_seconds.append(row["seconds"])
+                    if len(sheet) < cfg.tracking.contact_sheet_objects:
+                        sheet.append((oid, members))
+                else:
+                    result.failed += 1
+                    failures.append({k: row[k] for k in ("object_id", "uri", "reason", "log_tail", "seconds")}
+                                    | {"render_hash": hashes[oid]})
+                rate = result.failed / attempted
+                if attempted >= cfg.limits.min_attempts and rate > cfg.limits.max_failure_rate:
+                    reasons = "; ".join(sorted({f["reason"][:120] for f in failures[-5:]}))
+                    abort = (f"aborted: {result.failed} of {attempted} objects failed ({rate:.0%} > "
+                             f"limits.max_failure_rate={cfg.limits.max_failure_rate:.0%}). This looks like a "
+                             f"broken install or setup, not broken objects. Recent reasons: {reasons}")
+                    break
+        writer.close()  # commits the last partial shard
+        result.new_shards = [storage.join(out_uri, c["shard"]) for c in writer.committed]
+        if result.new_shards or failures or not shards.read_latest_manifest(out_uri):
+            result.manifest_uri = shards.write_manifest_version(
+                out_uri, settings_hash=cfg.render.settings_hash(), source_list_hash=source_list_hash(refs),
+                config=cfg.model_dump(mode="json"), failures=failures)
+        if failures:
+            result.failures_uri = shards.write_failures(out_uri, result.manifest_uri, failures)
+        result.seconds = time.perf_counter() - t_start
+
+        tracker.log_metrics({"rendered": result.rendered, "skipped": result.skipped, "failed": result.failed,
+                             "previously_failed": result.previously_failed, "excluded": result.excluded,
+                             "new_shards": len(result.new_shards), "seconds": result.seconds,
+                             "seconds_per_object": result.seconds_per_object,
+                             "objects_per_min": 60 * (result.rendered + result.failed) / max(result.seconds, 1e-9)})
+        if failures:
+            tracker.log_table(failures, "failures.json")
+        if sheet:
+            tracker.log_image(_contact_sheet(sheet), "contact_sheet.png")
+        if result.manifest_uri:
+            tracker.log_dict(json.loads(storage.read_text(result.manifest_uri)), "manifest.json")
+        tracker.set_tags({"geco.dataset_uri": out_uri, "geco.manifest": result.manifest_uri or ""})
+
+    if abort:
+        raise RenderAborted(abort + f"\nCommitted shards and the failures table are kept in {out_uri}.")
+    return result
