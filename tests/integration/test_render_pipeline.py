@@ -16,6 +16,15 @@ from geco.data.procedural import make_procedural_glb, make_procedural_object
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
+_SQLITE: list[Path] = []  # one MLflow sqlite store for the module: its migrations cost ~7 s each
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_sqlite(tmp_path_factory):
+    _SQLITE.append(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
+    yield
+    _SQLITE.clear()
+
 
 def tiny_config(tmp_path: Path, source_kind: str, source_uri: str, output: str, tracking_uri: str | None = None,
                 *extra: str):
@@ -26,7 +35,7 @@ def tiny_config(tmp_path: Path, source_kind: str, source_uri: str, output: str, 
         "render.blender.timeout_s=60", "dataset.samples_per_shard=2", "dataset.val_fraction=0.0",
         "ray.num_renderers=1", "ray.cpus_per_renderer=0.5", "limits.max_failure_rate=0.9",
         f"cache.dir={tmp_path / 'cache'}", "cache.max_gb=1",
-        f"tracking.uri={tracking_uri or 'sqlite:///' + str(tmp_path / 'mlflow.db')}",
+        f"tracking.uri={tracking_uri or 'sqlite:///' + str(_SQLITE[0])}",
         "tracking.experiment=test-render",
     ]
     return load_config(None, overrides + list(extra))
@@ -199,3 +208,27 @@ def test_bad_config_names_the_file_and_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(bad) in err and "render.blender.samples" in err and "render.blender.engine" in err
     assert "CYCLES" in err  # what is allowed
+
+
+def test_objaverse_uids_render_with_licences_and_filter(tmp_path, ray_local):
+    """Objaverse UIDs resolve through the objaverse package's on-disk cache layout (no network
+    here); licences land in meta.json and `exclude_licenses` drops non-commercial objects."""
+    from geco.sources import write_fake_objaverse_cache
+    from pipelines import render
+
+    glb = [make_procedural_glb(i, 0, tmp_path / "glbs").read_bytes() for i in range(3)]
+    uids = ["a" * 32, "b" * 32, "c" * 32]
+    licences = ["by", "by-nc", "cc0"]
+    base = tmp_path / "objaverse"
+    write_fake_objaverse_cache(base, {u: (g, {"license": lic, "name": f"obj {u[0]}"})
+                                      for u, g, lic in zip(uids, glb, licences)})
+    uid_list = tmp_path / "uids.txt"
+    uid_list.write_text("# LVIS subset\n" + "\n".join(uids) + "\n")
+    out = str(tmp_path / "shards")
+    cfg = tiny_config(tmp_path, "objaverse", str(uid_list), out, None, f"source.objaverse_cache={base}",
+                      "source.exclude_licenses=[by-nc]")
+    res = render.run(cfg)
+    assert (res.rendered, res.failed, res.excluded) == (2, 0, 1), res.summary()
+    metas = {s["key"]: s["meta"] for s in iter_dataset(out, None, views="none")}
+    assert sorted(metas) == sorted([uids[0], uids[2]])
+    assert metas[uids[0]]["license"] == "by" and metas[uids[2]]["license"] == "cc0"
