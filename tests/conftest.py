@@ -18,6 +18,10 @@ os.environ.setdefault("GECO_OFFLINE", "1")  # LPIPS and weights never try a down
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Tiny models: one torch thread. On a loaded 2-core machine OpenMP threads spin-wait on each
+# other and tiny ops get ~30x slower; one thread loses nothing at these sizes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
