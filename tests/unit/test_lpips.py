@@ -306,6 +306,7 @@ def test_weights_imported_by_geco_load(tmp_path, monkeypatch):
 def test_url_source_is_cached_and_hash_checked(tmp_path, monkeypatch):
     """A URL is fetched once into the cache (file:// stands in for https:// offline); a
     torchvision-style name ``*-<8 hex>.pth`` must match the file's sha256, as torch.hub checks."""
+    monkeypatch.delenv("GECO_OFFLINE", raising=False)  # conftest turns downloads off; this test needs them
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     src = tmp_path / "src"
     src.mkdir()
@@ -326,6 +327,7 @@ def test_url_source_is_cached_and_hash_checked(tmp_path, monkeypatch):
 
 
 def test_unreachable_url_and_offline_are_graceful(tmp_path, monkeypatch):
+    monkeypatch.delenv("GECO_OFFLINE", raising=False)  # the loopback URL is refused at once
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(LPIPSUnavailable, match="download failed"):
         load_lpips("alex", "http://127.0.0.1:9/alexnet.pth")
