@@ -2,6 +2,8 @@
 
     geco render --config configs/local.yaml [--source URI] [--output URI] [--set k=v ...] [--force]
     geco config --config configs/local.yaml [--set k=v ...]     # print the validated config
+    geco generate IMAGE [IMAGE ...] --checkpoint URI -o OUTDIR [--seed S] [--num-samples K] [--device cpu|cuda]
+    geco models init-tiny DEST [--set k=v ...]                  # a tiny random checkpoint bundle
 
 Stages that need Ray are imported lazily from ``pipelines/`` so ``geco --help`` stays fast.
 """
@@ -35,7 +37,87 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(c)
 
     _add_weights_parser(sub)
+    _add_generate_parser(sub)
+    _add_models_parser(sub)
     return ap
+
+
+def _add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="image(s) -> 3D Gaussians (.ply), the 6 views (.png), a turntable (.gif)")
+    g.add_argument("images", nargs="+", metavar="IMAGE", help="RGBA image(s), or object(s) on a plain white background")
+    g.add_argument("--checkpoint", required=True, metavar="URI",
+                   help="GECO checkpoint: local folder, s3:// prefix, runs:/<id>/<path>, models:/<name>@<alias>")
+    g.add_argument("--output", "-o", required=True, metavar="OUTDIR", help="folder for the outputs")
+    g.add_argument("--seed", type=int, default=0, help="random seed (sample k uses seed + k)")
+    g.add_argument("--num-samples", type=int, default=1, metavar="K", help="objects per image")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--turntable-frames", type=int, default=24, help="GIF frames (0: no GIF)")
+    g.add_argument("--turntable-size", type=int, default=256, help="GIF side in pixels")
+    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ checkpoints")
+
+
+def _generate_main(args) -> int:
+    from geco import generate
+    from geco.storage import StorageError
+
+    try:
+        generate.run(args.images, args.checkpoint, args.output, seed=args.seed, num_samples=args.num_samples,
+                     device=args.device, turntable_frames=args.turntable_frames,
+                     turntable_size=args.turntable_size, tracking_uri=args.tracking_uri)
+        return 0
+    except (generate.GenerateError, StorageError, FileNotFoundError) as e:
+        print(f"geco: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_models_parser(sub) -> None:
+    m = sub.add_parser("models", help="GECO checkpoint bundles: write a tiny random one, show one")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    mi = msub.add_parser("init-tiny", help="write a tiny randomly initialised checkpoint to DEST (local or s3://)")
+    mi.add_argument("dest")
+    _add_config_args(mi)
+    mi.add_argument("--seed", type=int, default=0)
+    mi.add_argument("--with-teacher-unet", action="store_true",
+                    help="keep the teacher UNet's weights (default: an inference bundle without them)")
+    mn = msub.add_parser("info", help="resolve a checkpoint URI and print its geco.json summary")
+    mn.add_argument("uri")
+    mn.add_argument("--tracking-uri", default=None)
+
+
+def _models_main(args) -> int:
+    from geco.models import bundle
+    from geco.storage import StorageError
+
+    try:
+        if args.models_command == "init-tiny":
+            import yaml
+
+            base = {}
+            if args.config:
+                from pathlib import Path
+
+                if not Path(args.config).is_file():
+                    raise ConfigError(f"{args.config}: config file not found")
+                base = (yaml.safe_load(Path(args.config).read_text()) or {}).get("models") or {}
+            cfg = bundle.tiny_models_config(args.overrides, base)
+            uri = bundle.init_tiny_bundle(args.dest, cfg, seed=args.seed, include_teacher_unet=args.with_teacher_unet)
+            print(f"wrote a tiny random GECO checkpoint to {uri} (tiles {cfg.teacher.tile_size}px, "
+                  f"reconstructor input {cfg.reconstructor.input_size}px)")
+            return 0
+        root = bundle.resolve_checkpoint(args.uri, tracking_uri=args.tracking_uri)
+        m = bundle.read_manifest(root)
+        comps = m.get("components", {})
+        print(f"{args.uri} -> {root}\n  format {m['format']} v{m['version']}, created {m.get('created')}")
+        for name, c in comps.items():
+            extra = {k: v for k, v in c.items() if k not in ("path", "note")}
+            print(f"  {name}: {c.get('path')} {extra}" + (f"\n    {c['note']}" if c.get("note") else ""))
+        return 0
+    except ConfigError as e:
+        print(f"geco: config error: {e}", file=sys.stderr)
+        return 2
+    except (StorageError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"geco: {e}", file=sys.stderr)
+        return 2
 
 
 def _add_weights_parser(sub) -> None:
@@ -83,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "weights":
         return _weights_main(args)
+    if args.command == "generate":
+        return _generate_main(args)
+    if args.command == "models":
+        return _models_main(args)
     try:
         cfg = _load(args)
         if args.command == "config":
