@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 
 class StorageError(RuntimeError):
@@ -222,6 +222,40 @@ def download(uri: str, local_path: str | Path) -> Path:
 def upload(local_path: str | Path, uri: str) -> None:
     with open(local_path, "rb") as src, atomic_writer(uri) as dst:
         shutil.copyfileobj(src, dst, length=8 << 20)
+
+
+def write_folder(dest: str, write: Callable[[Path], None], *, marker: str, what: str) -> str:
+    """Write a folder of files (a checkpoint, a model) to a local path or an ``s3://`` prefix so
+    that readers never see it half-written. ``write(root)`` fills a local temporary folder whose
+    top-level file ``marker`` says "this folder is whole".
+
+    Locally the temporary folder is renamed into place; an existing folder is replaced only if it
+    holds ``marker`` (it is one of ours: a ``what``), any other non-empty folder is refused. On S3
+    the files are uploaded with ``marker`` last, so its presence means every other file is there.
+    """
+    dest = str(dest)
+    if is_s3(dest):
+        with tempfile.TemporaryDirectory(prefix="geco-upload-") as tmp:
+            write(Path(tmp))
+            files = sorted((p for p in Path(tmp).rglob("*") if p.is_file()),
+                           key=lambda p: (p.relative_to(tmp).as_posix() == marker, p.as_posix()))
+            for p in files:
+                upload(p, join(dest, p.relative_to(tmp).as_posix()))
+        return dest
+    target = Path(dest).expanduser()
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / marker).is_file())):
+        raise FileExistsError(f"{target}: exists and is not a {what}; refusing to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 # -- checks ----------------------------------------------------------------------------------

@@ -162,6 +162,17 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """Tensors from a ``.safetensors`` file, or from a torch pickle (``.bin``/``.pth``/``.ckpt``)
+    read with ``weights_only=True`` (a nested ``state_dict`` unwrapped). The one reader of weight
+    files in the project; raises :class:`WeightsImportError` naming the file otherwise."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return load_state_dict(path)[0]
+
+
 def load_state_dict(path: str | os.PathLike, rel: str = "") -> tuple[dict, list[str]]:
     """A pickled state dict read with ``weights_only=True`` -> (tensors, notes). Raises
     :class:`WeightsImportError` for files holding pickled objects other than tensors."""

@@ -24,6 +24,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads (see OMP_NUM_THREADS above); this also
+    covers a torch imported before the environment variable was read."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     from tests.services import SeaweedS3

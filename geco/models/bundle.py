@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,29 +257,9 @@ def save_bundle(dest: str | os.PathLike, teacher, generator, reconstructor, mode
 
     Locally the folder appears whole (written beside it, then renamed; an existing bundle there is
     replaced, any other non-empty folder refused); on S3 ``geco.json`` is uploaded last."""
-    dest = str(dest)
-    if storage.is_s3(dest):
-        with tempfile.TemporaryDirectory(prefix="geco-bundle-") as tmp:
-            _write_bundle(Path(tmp), teacher, generator, reconstructor, models_cfg, include_teacher_unet)
-            files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
-            files.sort(key=lambda p: p.relative_to(tmp).as_posix() == MANIFEST)
-            for p in files:
-                storage.upload(p, storage.join(dest, p.relative_to(tmp).as_posix()))
-        return dest
-    target = Path(dest).expanduser()
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file())):
-        raise FileExistsError(f"{target}: exists and is not a GECO checkpoint; refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_bundle(tmp, teacher, generator, reconstructor, models_cfg, include_teacher_unet)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return storage.write_folder(
+        str(dest), lambda root: _write_bundle(root, teacher, generator, reconstructor, models_cfg, include_teacher_unet),
+        marker=MANIFEST, what="GECO checkpoint")
 
 
 # ================================================================================================

@@ -33,9 +33,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -223,29 +220,8 @@ def save_generator(gen: OneStepGenerator, dest: str | os.PathLike) -> str:
     """Write ``<dest>/unet/`` (diffusers ``save_pretrained``, safetensors) and ``<dest>/generator.json``
     to a local folder or an ``s3://`` prefix. Locally the folder appears whole (written beside it,
     then renamed); on S3 ``generator.json`` is uploaded last."""
-    dest = str(dest)
-    if storage.is_s3(dest):
-        with tempfile.TemporaryDirectory(prefix="geco-generator-") as tmp:
-            _write_generator(gen, Path(tmp))
-            files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
-            files.sort(key=lambda p: p.name == GENERATOR_META)
-            for p in files:
-                storage.upload(p, storage.join(dest, p.relative_to(tmp).as_posix()))
-        return dest
-    target = Path(dest).expanduser()
-    if target.exists() and any(target.iterdir()) and not (target / GENERATOR_META).is_file():
-        raise FileExistsError(f"{target}: exists and is not a generator checkpoint; refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_generator(gen, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return storage.write_folder(str(dest), lambda root: _write_generator(gen, root), marker=GENERATOR_META,
+                                what="generator checkpoint")
 
 
 def _unet_folder(root: Path, where: str) -> Path:

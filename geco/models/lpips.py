@@ -284,20 +284,12 @@ def _lpips_package_dir() -> Path | None:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from geco.weights import WeightsImportError, read_state_dict
 
-        return load_file(str(path))
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled objects (refused by weights_only) or a corrupt file
-        raise LPIPSUnavailable(f"{path}: cannot be read as a plain state dict "
-                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise LPIPSUnavailable(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        return read_state_dict(path)
+    except WeightsImportError as e:
+        raise LPIPSUnavailable(f"{path}: cannot be read as a plain state dict ({e})") from None
 
 
 def _download(url: str, target: Path, timeout: float = 30.0) -> Path:

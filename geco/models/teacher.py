@@ -37,8 +37,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
@@ -910,23 +908,14 @@ def _check_loading_info(name: str, root: Path, info: dict) -> None:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file, or a torch pickle loaded with ``weights_only=True``
-    (``.ckpt``/``.bin``/``.pt``/``.pth``); a Lightning checkpoint's ``state_dict`` is unwrapped."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Tensors from a ``.safetensors`` file or a weights-only torch pickle (``geco.weights``)."""
+    from geco.weights import WeightsImportError
+    from geco.weights import read_state_dict as _read
 
-        return load_file(str(path))
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused: not a plain tensor checkpoint
-        raise TeacherFolderError(f"{path}: cannot load with torch.load(weights_only=True) ({type(e).__name__}: "
-                                 f"{str(e)[:200]}); convert it to .safetensors") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise TeacherFolderError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        return _read(path)
+    except WeightsImportError as e:
+        raise TeacherFolderError(f"{e}; convert it to .safetensors") from None
 
 
 def extract_unet_state_dict(sd: dict[str, torch.Tensor], expected: set[str], where: str = "") -> dict[str, torch.Tensor]:
@@ -1144,26 +1133,5 @@ def save_teacher(teacher: Zero123PlusTeacher, dest: str | os.PathLike,
     checkpoints); ``"upstream"`` stores VAE/text/vision encoders float16 and the UNet float32, as the
     published folder does. Locally the folder appears whole (written beside it, then renamed); on
     S3 ``model_index.json`` is uploaded last."""
-    dest = str(dest)
-    if storage.is_s3(dest):
-        with tempfile.TemporaryDirectory(prefix="geco-teacher-") as tmp:
-            _write_folder(teacher, Path(tmp), dtypes)
-            files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
-            files.sort(key=lambda p: p.name == "model_index.json")
-            for p in files:
-                storage.upload(p, storage.join(dest, p.relative_to(tmp).as_posix()))
-        return dest
-    target = Path(dest).expanduser()
-    if target.exists() and any(target.iterdir()) and not (target / "model_index.json").is_file():
-        raise FileExistsError(f"{target}: exists and is not a teacher folder; refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_folder(teacher, tmp, dtypes)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return storage.write_folder(str(dest), lambda root: _write_folder(teacher, root, dtypes),
+                                marker="model_index.json", what="teacher folder")

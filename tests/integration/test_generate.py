@@ -35,14 +35,6 @@ GS_LAYOUT = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", 
 FAST = ["--turntable-frames", "4", "--turntable-size", "32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GECO_CACHE", str(tmp_path / "geco-cache"))

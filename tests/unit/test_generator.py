@@ -26,14 +26,6 @@ from geco.models.teacher import build_tiny_teacher
 TILE = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     return build_tiny_teacher(TeacherConfig(tile_size=TILE, cond_size=TILE), seed=0)

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from geco.models import lpips as L
 from geco.models.lpips import LPIPS, LPIPSLoss, LPIPSMetric, LPIPSUnavailable, load_lpips
 
-torch.set_num_threads(1)
-
 # torchvision's AlexNet / VGG16 ``features`` conv indices (Conv2d modules in its Sequential)
 ALEX_CONVS = (0, 3, 6, 8, 10)
 VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)

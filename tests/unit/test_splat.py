@@ -12,16 +12,6 @@ import torch
 from geco.render import splat
 from geco.render.splat import SH_C0, eval_sh, project_gaussians, rasterize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    """Small scenes: more threads only add overhead on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- scenes
 
 

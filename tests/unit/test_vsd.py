@@ -34,14 +34,6 @@ TILE = 16
 CFG = TeacherConfig(tile_size=TILE, cond_size=TILE, num_inference_steps=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
