@@ -4,6 +4,7 @@
     geco config --config configs/local.yaml [--set k=v ...]     # print the validated config
     geco generate IMAGE [IMAGE ...] --checkpoint URI -o OUTDIR [--seed S] [--num-samples K] [--device cpu|cuda]
     geco models init-tiny DEST [--set k=v ...]                  # a tiny random checkpoint bundle
+    geco train pretrain|stage1 --config configs/local.yaml [--set k=v ...]   # Ray Train (resumes)
 
 Stages that need Ray are imported lazily from ``pipelines/`` so ``geco --help`` stays fast.
 """
@@ -39,7 +40,61 @@ def _parser() -> argparse.ArgumentParser:
     _add_weights_parser(sub)
     _add_generate_parser(sub)
     _add_models_parser(sub)
+    _add_train_parser(sub)
     return ap
+
+
+def _add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train with Ray Train (re-running resumes from the latest checkpoint)")
+    tsub = t.add_subparsers(dest="train_stage", required=True)
+    p = tsub.add_parser("pretrain", help="train the teacher and/or reconstructor that have no pretrained weights")
+    s1 = tsub.add_parser("stage1", help="stage 1: VSD distillation of the one-step generator")
+    for q in (p, s1):
+        _add_config_args(q)
+        q.add_argument("--data", metavar="URI", help="shard dataset dir or s3:// prefix (overrides dataset.uri)")
+    p.add_argument("--only", action="append", choices=["teacher", "reconstructor"],
+                   help="train only this target (repeatable; default: pretrain.targets)")
+    p.add_argument("--output", "-o", metavar="URI", help="where the weights go (overrides pretrain.output_uri)")
+    s1.add_argument("--output", "-o", metavar="URI", help="where the generator and bundle go (overrides stage1.output_uri)")
+    s1.add_argument("--teacher", metavar="URI", help='teacher folder, pretrain output or "pretrain" (overrides stage1.teacher)')
+
+
+def _train_main(args) -> int:
+    import importlib
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"dataset.uri={args.data}")
+    if getattr(args, "output", None):
+        overrides.append(f"{args.train_stage}.output_uri={args.output}")
+    if getattr(args, "teacher", None):
+        overrides.append(f"stage1.teacher={args.teacher}")
+    try:
+        cfg = load_config(args.config, overrides)
+        try:
+            stage = importlib.import_module(f"pipelines.{args.train_stage}")
+        except ModuleNotFoundError as e:
+            if e.name != f"pipelines.{args.train_stage}":
+                raise
+            print(f"geco: `geco train {args.train_stage}` is not available in this version", file=sys.stderr)
+            return 2
+        kwargs = {"targets": args.only} if args.train_stage == "pretrain" and args.only else {}
+        result = stage.run(cfg, **kwargs)
+        print(result.summary())
+        return 0
+    except ConfigError as e:
+        print(f"geco: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # one line for errors users cause; tracebacks for bugs
+        from geco.storage import StorageError
+
+        if isinstance(e, (StorageError, FileNotFoundError)) or type(e).__name__ == "TrainSetupError":
+            print(f"geco: {e}", file=sys.stderr)
+            return 2
+        if type(e).__name__ == "TrainingFailedError":
+            print(f"geco: training failed: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 def _add_generate_parser(sub) -> None:
@@ -169,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return _generate_main(args)
     if args.command == "models":
         return _models_main(args)
+    if args.command == "train":
+        return _train_main(args)
     try:
         cfg = _load(args)
         if args.command == "config":

@@ -241,6 +241,142 @@ class ModelsConfig(_Strict):
     lpips: LPIPSConfig = LPIPSConfig()
 
 
+# --------------------------------------------------------------------------------------------
+# Training (Ray Train). Every training stage embeds a TrainJobConfig: how many steps, the
+# optimiser, checkpoints, evaluation, and the Ray Train resources; pipelines/train_common.py
+# runs any stage from it.
+# --------------------------------------------------------------------------------------------
+class TrainJobConfig(_Strict):
+    """One Ray Train job: steps, optimiser, schedule, checkpoints, evaluation, resources."""
+
+    steps: int = Field(10000, ge=0)  # optimiser steps in all; a re-run resumes and trains up to this
+    batch_size: int = Field(4, ge=1)  # objects per worker per micro-batch
+    grad_accumulation: int = Field(1, ge=1)  # micro-batches per optimiser step
+    lr: float = Field(1e-4, gt=0)  # peak learning rate (AdamW)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"  # decay after the warmup
+    lr_warmup_steps: int = Field(0, ge=0)  # linear warmup from lr/warmup to lr
+    lr_min_ratio: float = Field(0.0, ge=0, le=1)  # the decay ends at lr * this
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    max_grad_norm: float = Field(1.0, ge=0)  # clip the global gradient norm (0 = no clipping)
+    mixed_precision: Literal["no", "bf16"] = "bf16"  # bf16 autocast on GPU; CPU always runs float32
+    gradient_checkpointing: bool = False  # trade compute for memory where the model supports it
+    seed: int = 0  # model init, data shuffling and noise; each worker adds its rank
+    shuffle_buffer: int = Field(64, ge=1)  # rows in each worker's local shuffle buffer (1 = stream order)
+    checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = Field(3, ge=1)  # Ray Train keeps the newest K checkpoints
+    eval_every: int = Field(500, ge=0)  # steps between evaluations on held-out objects (0 = start and end only)
+    eval_objects: int = Field(4, ge=1)  # held-out objects evaluated (and shown in the sample grids)
+    log_every: int = Field(1, ge=1)  # steps between MLflow metric logs (losses, learning rates)
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU (or gpus_per_worker) per worker; NCCL; bf16 autocast
+    cpus_per_worker: float = Field(1.0, gt=0)  # fractional on small machines: Ray Data needs CPUs too
+    gpus_per_worker: float = Field(1.0, ge=0)  # used when use_gpu
+    torch_threads: int = Field(0, ge=0)  # torch.set_num_threads per worker (0 = torch's default; 1 for tiny models)
+    max_failures: int = Field(3, ge=0)  # worker-group restarts Ray Train allows (each resumes from the last checkpoint)
+    storage_path: str = "outputs/train"  # Ray Train runs and checkpoints: a local folder or s3://bucket/prefix
+    run_name: str = ""  # Ray Train run name ("" = <name>-<stage>-<config hash>; the same name resumes)
+
+
+class PretrainTeacherConfig(TrainJobConfig):
+    """Teacher pretraining: v-prediction diffusion loss on the 6-view grid given the condition view.
+
+    A teacher trained here starts from random weights, so its VAE is trained with it (MSE + KL)."""
+
+    drop_cond_prob: float = Field(0.1, ge=0, le=1)  # condition dropout (classifier-free guidance)
+    vae_loss_weight: float = Field(1.0, ge=0)  # weight of the VAE reconstruction loss (0 = keep the VAE as built)
+    vae_kl_weight: float = Field(1e-3, ge=0)  # per-element KL weight: keeps latents near unit variance
+    vae_scaling_factor: float = Field(1.0, gt=0)  # the new VAE's latent scale (SD's 0.18215 fits SD's VAE, not this one)
+    eval_steps: int = Field(10, ge=1)  # DDIM steps of the evaluation samples
+    eval_guidance_scale: float = Field(1.0, ge=1.0)  # CFG of the evaluation samples
+    eval_timesteps: int = Field(8, ge=1)  # evenly spaced timesteps of the held-out diffusion loss
+
+
+class PretrainReconstructorConfig(TrainJobConfig):
+    """Reconstructor pretraining: ground-truth Zero123++ views in, rendering losses on other views."""
+
+    # The default lives on the field (not on the instance below), so a partial YAML section
+    # such as `pretrain.reconstructor.steps: 5` keeps it.
+    lr: float = Field(4e-4, gt=0)  # peak learning rate (AdamW); LGM used 4e-4
+    supervision_views: int = Field(4, ge=1)  # views rendered and supervised per object per step
+    supervise_zero123_views: bool = True  # draw supervision views from the 6 input views too (else random views only)
+    render_size: int = Field(0, ge=0)  # supervision resolution, every view resized to it (0 = the random views' size)
+
+
+class PretrainConfig(_Strict):
+    """The `pretrain` stage: trains whichever of teacher / reconstructor has no `pretrained` weights."""
+
+    targets: list[Literal["teacher", "reconstructor"]] = ["teacher", "reconstructor"]  # considered for training
+    output_uri: str = "outputs/pretrained"  # teacher/ (Zero123++ layout) and reconstructor/model.safetensors
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)  # held-out objects when the manifest's val split is empty
+    log_weights: bool = True  # also log the final weights as MLflow artifacts
+    concurrent: bool = False  # run the teacher and reconstructor jobs at the same time (if the cluster fits both)
+    teacher: PretrainTeacherConfig = PretrainTeacherConfig()
+    reconstructor: PretrainReconstructorConfig = PretrainReconstructorConfig()
+
+
+class Stage1TrainConfig(TrainJobConfig):
+    """The stage-1 Ray Train job: TrainJobConfig with stage-1 defaults (a subclass, so that a partial
+    `stage1.train` section in a file keeps them). `lr` and `adam_betas` are unused: stage 1 has
+    `stage1.lr_generator` / `lr_fake` and their betas; the schedule applies to both optimisers."""
+
+    steps: int = Field(5000, ge=0)  # the paper: 5,000 steps (1x L40, ~4 h)
+    batch_size: int = Field(1, ge=1)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # the paper: constant Adam
+    gradient_checkpointing: bool = True  # on the generator's and the fake score's UNets (real scale)
+
+
+class Stage1Config(_Strict):
+    """The `stage1` stage: VSD distillation of the teacher into the one-step generator (PAPER.md,
+    "Stage 1"). Teacher frozen; generator and fake score initialised from its UNet; alternating
+    generator and fake-score updates with their own Adam(W) optimisers and LR schedules."""
+
+    # Where the weights come from. teacher: "" = models.teacher (its `pretrained` folder, or a tiny
+    # random teacher when that is empty: tests only); "pretrain" = <pretrain.output_uri>/teacher;
+    # otherwise a Zero123++ teacher folder or a pretrain output URI holding teacher/ (local or s3://).
+    teacher: str = ""
+    # reconstructor (only bundled into the exported GECO checkpoint): "" = models.reconstructor (tiny
+    # random when its `pretrained` is empty); "pretrain" = <pretrain.output_uri>/reconstructor/model.safetensors;
+    # otherwise a .safetensors file or a pretrain output URI holding reconstructor/model.safetensors.
+    reconstructor: str = ""
+    output_uri: str = "outputs/stage1"  # generator/ (diffusers UNet + generator.json) and bundle/ (GECO checkpoint)
+    bundle_teacher_unet: bool = False  # also store the teacher UNet in the bundle (enables teacher sampling from it)
+    log_weights: bool = True  # log the exported bundle as MLflow artifacts (weights/bundle)
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)  # held-out objects when the manifest's val split is empty
+    # the Ray Train job (steps, batch, accumulation, schedule, checkpoints, eval, workers/GPUs, bf16,
+    # gradient checkpointing); its `lr` and `adam_betas` are unused: stage 1 has the two below
+    train: Stage1TrainConfig = Stage1TrainConfig()
+    lr_generator: float = Field(1e-6, gt=0)  # Adam on the generator's UNet (paper: 1e-6)
+    lr_fake: float = Field(1e-6, gt=0)  # Adam on the fake score (paper: 1e-6; balancing the two matters)
+    betas_generator: tuple[float, float] = (0.9, 0.999)  # the paper; GECO's code used (0.0, 0.99)
+    betas_fake: tuple[float, float] = (0.9, 0.999)
+    fake_score: Literal["lora", "full"] = "lora"  # LoRA adapter sharing the teacher's weights, or a full UNet copy (paper)
+    lora_rank: int = Field(4, ge=1)  # LoRA rank on q/k/v/out of every attention (fake_score=lora)
+    lora_alpha: float = Field(0.0, ge=0)  # LoRA alpha (0 = the rank: scale 1)
+    teacher_cfg: float = Field(4.0, ge=1.0)  # classifier-free guidance of the teacher's score
+    fake_cfg: float = Field(1.0, ge=1.0)  # guidance of the fake score (1 = conditional only)
+    fake_drop_cond_prob: float = Field(0.0, ge=0, le=1)  # condition dropout in the fake-score loss (needed if fake_cfg > 1)
+    t_min: float = Field(0.02, ge=0, le=1)  # timesteps t ~ U[t_min, t_max] x 1000, both losses
+    t_max: float = Field(0.98, ge=0, le=1)
+    fake_steps: int = Field(1, ge=1)  # fake-score updates per generator update
+    # optional DMD-style regression: LPIPS + MSE of G(cond, z) against teacher samples made from the
+    # same saved noise z (per object, seeded by its id); 0 = off. LPIPS joins when its weights load.
+    regression_weight: float = Field(0.0, ge=0)
+    regression_mse_weight: float = Field(1.0, ge=0)
+    regression_lpips_weight: float = Field(1.0, ge=0)
+    regression_teacher_steps: int = Field(75, ge=1)  # deterministic DDIM steps of those teacher samples
+    regression_cache_objects: int = Field(4096, ge=0)  # teacher sample latents kept in memory per worker
+    eval_teacher_steps: int = Field(20, ge=1)  # DDIM steps of the teacher samples in the eval grids (CFG teacher_cfg)
+    sample_every: int = Field(0, ge=0)  # steps between sample-grid images (0 = at every evaluation; always at the end)
+    fsdp: bool = False  # shard the generator with FSDP over the workers (GPU, num_workers > 1); else DDP
+
+    @model_validator(mode="after")
+    def _t_range(self) -> "Stage1Config":
+        if self.t_min > self.t_max:
+            raise ValueError(f"stage1.t_min ({self.t_min}) must not exceed stage1.t_max ({self.t_max})")
+        return self
+
+
 class GecoConfig(_Strict):
     """The whole DAG in one flat config; each stage reads the sections it needs."""
 
@@ -253,6 +389,8 @@ class GecoConfig(_Strict):
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
     models: ModelsConfig = ModelsConfig()
+    pretrain: PretrainConfig = PretrainConfig()  # train teacher/reconstructor where no weights are given
+    stage1: Stage1Config = Stage1Config()  # VSD distillation of the one-step generator
 
     @field_validator("name")
     @classmethod

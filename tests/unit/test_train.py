@@ -1,0 +1,275 @@
+"""Training building blocks without Ray: checkpoints (safetensors + JSON, no pickle), the per-step
+helper (accumulation, clipping, schedules), the resumable row stream, and the pretraining tasks on
+synthetic shard rows (one step, evaluation, checkpoint round trip, export and reload)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from geco.config import GecoConfig, load_config
+from geco.train.checkpoint import (
+    CheckpointError,
+    DataPosition,
+    checkpoint_files,
+    decode_state,
+    encode_state,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
+from geco.train.loop import GradientStep, WorkerContext, autocast, lr_factor, make_adamw, make_lr_scheduler
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _train(model, opt, sched, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(6, 4, generator=g)
+        loss = model(x).pow(2).mean() + 1e-3 * torch.randn(()).abs()  # also consumes the global RNG
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_state_encoding_round_trip_and_refuses_objects():
+    state = {"a": (1, 2.5, "x"), 3: [torch.arange(3), None, True], "nan": float("nan"), "inf": -math.inf,
+             "arr": np.arange(4, dtype=np.uint32).reshape(2, 2), "__tensor__": "not a tag"}
+    tensors = {}
+    enc = encode_state(state, tensors)
+    json.dumps(enc)  # plain JSON
+    dec = decode_state(json.loads(json.dumps(enc)), tensors)
+    assert dec["a"] == (1, 2.5, "x") and isinstance(dec["a"], tuple)
+    assert torch.equal(dec[3][0], torch.arange(3)) and dec[3][1:] == [None, True]
+    assert math.isnan(dec["nan"]) and dec["inf"] == -math.inf
+    assert dec["arr"].dtype == np.uint32 and dec["arr"].tolist() == [[0, 1], [2, 3]]
+    assert dec["__tensor__"] == "not a tag"
+    with pytest.raises(TypeError, match="without pickle"):
+        encode_state({"f": object()}, {})
+
+
+def test_checkpoint_resumes_exactly_and_holds_no_pickle(tmp_path):
+    model = _model()
+    opt = make_adamw(model.parameters(), lr=1e-2, weight_decay=0.01, betas=(0.9, 0.95))
+    sched = make_lr_scheduler(opt, schedule="cosine", warmup_steps=2, total_steps=10)
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    _train(model, opt, sched, 3)
+    save_checkpoint(tmp_path / "ck", step=3, models={"net": model}, optimizers={"adamw": opt},
+                    schedulers={"lr": sched}, data_position=DataPosition(epoch=1, samples=7), config_hash="abc",
+                    extra={"note": "x", "pair": (1, 2), "tensor": torch.ones(2)})
+    expect_rng = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    _train(model, opt, sched, 2, seed=9)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    # Every file is JSON or safetensors; nothing needs unpickling.
+    files = checkpoint_files(tmp_path / "ck")
+    assert {p.suffix for p in files} == {".json", ".safetensors"}
+    for p in files:
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+        else:
+            from safetensors.torch import load_file
+
+            load_file(str(p))
+    assert read_checkpoint_meta(tmp_path / "ck")["step"] == 3
+
+    model2 = _model(seed=42)
+    opt2 = make_adamw(model2.parameters(), lr=1e-2, weight_decay=0.01, betas=(0.9, 0.95))
+    sched2 = make_lr_scheduler(opt2, schedule="cosine", warmup_steps=2, total_steps=10)
+    random.seed(0)
+    torch.manual_seed(0)
+    st = load_checkpoint(tmp_path / "ck", models={"net": model2}, optimizers={"adamw": opt2},
+                         schedulers={"lr": sched2}, config_hash="abc")
+    assert (st.step, st.data_position, st.config_hash, st.rng_restored) == (3, DataPosition(1, 7), "abc", True)
+    assert st.extra["pair"] == (1, 2) and torch.equal(st.extra["tensor"], torch.ones(2))
+    assert opt2.param_groups[0]["betas"] == (0.9, 0.95) and sched2.last_epoch == 3
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expect_rng
+    _train(model2, opt2, sched2, 2, seed=9)
+    for a, b in zip(model2.parameters(), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # bit-identical continuation
+
+
+def test_checkpoint_errors(tmp_path):
+    model = _model()
+    save_checkpoint(tmp_path / "ck", step=1, models={"net": model}, config_hash="abc")
+    with pytest.raises(CheckpointError, match="config hash"):
+        load_checkpoint(tmp_path / "ck", models={"net": _model()}, config_hash="other")
+    with pytest.raises(CheckpointError, match="no model state"):
+        load_checkpoint(tmp_path / "ck", models={"other": _model()})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(tmp_path / "ck", models={"net": nn.Linear(4, 2)})
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(tmp_path / "half")
+    with pytest.raises(ValueError, match="plain file name"):
+        save_checkpoint(tmp_path / "bad", step=0, models={"../x": model})
+
+
+# ------------------------------------------------------------------------------------------ the step helper
+def test_lr_schedule():
+    f = lambda s, **kw: lr_factor(s, **{"schedule": "cosine", "warmup_steps": 4, "total_steps": 14, **kw})  # noqa: E731
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and abs(f(9) - 0.5) < 1e-9 and abs(f(14)) < 1e-9 and f(100) == 0.0
+    assert abs(f(14, min_ratio=0.1) - 0.1) < 1e-9
+    assert lr_factor(50, schedule="constant", warmup_steps=0, total_steps=10) == 1.0
+    assert abs(lr_factor(5, schedule="linear", warmup_steps=0, total_steps=10) - 0.5) < 1e-9
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    results = []
+    for accumulation in (1, 2, 4):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        stepper = GradientStep(model.parameters(), opt, accumulation=accumulation, max_grad_norm=0.0)
+        for i, chunk in enumerate(x.chunk(accumulation)):
+            with stepper.micro(model, i):
+                stepper.backward(model(chunk).pow(2).mean())
+        stats = stepper.step()
+        assert stats["lr"] == 0.1 and stats["grad_norm"] > 0
+        assert all(p.grad is None for p in model.parameters())
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    model = _model()
+    stepper = GradientStep(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1), accumulation=2)
+    stepper.backward(model(x).sum())
+    with pytest.raises(RuntimeError, match="expected 2"):
+        stepper.step()
+
+
+def test_clipping_and_cpu_autocast_is_off():
+    model = _model()
+    stepper = GradientStep(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.0), max_grad_norm=0.5)
+    stepper.backward(1000 * model(torch.ones(2, 4)).sum())
+    assert stepper.step()["grad_norm"] > 0.5  # the norm before clipping is reported
+    with autocast("cpu", "bf16"):
+        assert model(torch.ones(1, 4)).dtype == torch.float32
+    with pytest.raises(ValueError):
+        autocast("cpu", "fp8")
+
+
+# ------------------------------------------------------------------------------------------ data stream
+class _Shard:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def iter_rows(self):
+        yield from self.rows
+
+
+def test_row_stream_resumes_at_the_same_row():
+    from pipelines.train_common import RowStream
+
+    rows = [{"__key__": f"k{i}"} for i in range(5)]
+    a = RowStream(_Shard(rows), DataPosition(), seed=3, rank=0, buffer=3)
+    seen = [r["__key__"] for _ in range(4) for r in a.take(2)]  # 8 rows: crosses an epoch
+    assert a.position == DataPosition(epoch=1, samples=3)
+    assert sorted(seen[:5]) == sorted(r["__key__"] for r in rows)  # each row once per epoch
+    pos = DataPosition(a.position.epoch, a.position.samples)
+    b = RowStream(_Shard(rows), pos, seed=3, rank=0, buffer=3)
+    assert [r["__key__"] for r in b.take(4)] == [r["__key__"] for r in a.take(4)]
+    with pytest.raises(RuntimeError, match="empty"):
+        RowStream(_Shard([]), DataPosition(), seed=0, rank=1, buffer=2).take(1)
+
+
+def test_holdout_is_stable():
+    from pipelines.train_common import holdout_keys
+
+    keys = [f"obj{i}" for i in range(20)]
+    held = holdout_keys(keys, 0.1)
+    assert len(held) == 2 and held == holdout_keys(list(reversed(keys)), 0.1)
+    assert held <= holdout_keys(keys + [f"new{i}" for i in range(5)], 0.1) | held
+    assert holdout_keys(["only"], 0.5) == set() and len(holdout_keys(["a", "b"], 0.01)) == 1
+
+
+# ------------------------------------------------------------------------------------------ pretraining tasks
+TINY = [
+    "models.teacher.tile_size=16", "models.teacher.cond_size=16", "models.teacher.tiny_block_out_channels=[16,32]",
+    "models.reconstructor.input_size=16", "models.reconstructor.down_channels=[8,16,32]",
+    "models.reconstructor.down_attention=[false,false,true]", "models.reconstructor.up_channels=[32,16]",
+    "models.reconstructor.up_attention=[true,false]", "models.reconstructor.num_heads=2",
+    "models.reconstructor.norm_groups=4", "models.reconstructor.layers_per_block=1",
+    "models.reconstructor.lambda_lpips=0", "pretrain.teacher.eval_steps=2", "pretrain.teacher.eval_timesteps=2",
+    "pretrain.reconstructor.supervision_views=3",
+]
+
+
+def _rows(n=2):
+    from geco.data.schema import sample_from_members
+    from tests.unit.test_shards import make_members
+
+    return [sample_from_members(f"obj{i}", make_members(f"obj{i}", seed=i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("target", ["teacher", "reconstructor"])
+def test_pretrain_task_step_eval_checkpoint_export(tmp_path, target):
+    from geco.train.pretrain import TASKS
+
+    cfg: GecoConfig = load_config(None, TINY + [f"pretrain.{target}.steps=3", f"pretrain.{target}.lr=1e-3",
+                                               f"pretrain.{target}.grad_accumulation=2"])
+    job = getattr(cfg.pretrain, target)
+    task = TASKS[target](cfg, job, WorkerContext())
+    rows = _rows()
+    batch = task.prepare(rows)
+    if target == "reconstructor":
+        assert batch["sup_rgb"].shape[:2] == (2, 3)  # supervision_views per object
+        assert task.prepare(rows, training=False)["sup_rgb"].shape[1] == 6 + 2  # every view
+    before = task.evaluate(task.prepare(rows, training=False), 0)
+    stats = task.train_step([batch, task.prepare(rows)], 0)  # two micro-batches
+    assert math.isfinite(stats["loss"]) and stats["lr"] > 0 and stats["grad_norm"] > 0
+    after = task.evaluate(task.prepare(rows, training=False), 1)
+    assert set(before.metrics) == set(after.metrics) and all(math.isfinite(v) for v in after.metrics.values())
+    (image,) = after.images.values()
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+
+    h = TASKS[target].config_hash(cfg, job)
+    save_checkpoint(tmp_path / "ck", step=1, models=task.modules(), optimizers=task.optimizers(),
+                    schedulers=task.schedulers(), config_hash=h)
+    other = TASKS[target](cfg, job, WorkerContext())
+    load_checkpoint(tmp_path / "ck", models=other.modules(), optimizers=other.optimizers(),
+                    schedulers=other.schedulers(), config_hash=h)
+    for name, m in task.modules().items():
+        for (k, a), b in zip(m.state_dict().items(), other.modules()[name].state_dict().values()):
+            assert torch.equal(a, b), (name, k)
+    # architecture changes change the hash; schedule changes do not
+    assert TASKS[target].config_hash(load_config(None, TINY + [f"pretrain.{target}.steps=99"]), job) == h
+    wider = "models.teacher.tiny_block_out_channels=[32,64]" if target == "teacher" else "models.reconstructor.down_channels=[16,16,32]"
+    assert TASKS[target].config_hash(load_config(None, TINY + [wider]), job) != h
+
+    exported = task.export(str(tmp_path / "out"))
+    if target == "teacher":
+        from geco.config import TeacherConfig
+        from geco.models.teacher import load_teacher
+
+        t = load_teacher(TeacherConfig(**{**cfg.models.teacher.model_dump(), "pretrained": exported["teacher"]}))
+        assert t.vae.config.scaling_factor == job.vae_scaling_factor
+        assert torch.equal(t.unet.conv_in.weight, task.teacher.unet.conv_in.weight)
+    else:
+        from geco.models.reconstructor import load_reconstructor
+
+        r = load_reconstructor(cfg.models.reconstructor.model_copy(update={"pretrained": exported["reconstructor"]}))
+        assert torch.equal(r.conv.weight, task.recon.conv.weight)
+
+
+def test_pretrain_plan_skips_models_with_weights():
+    from pipelines.pretrain import plan
+
+    todo, skipped = plan(load_config(None, ["models.reconstructor.pretrained=/x/model.safetensors"]))
+    assert todo == ["teacher"] and "pretrained" in skipped["reconstructor"]
+    todo, skipped = plan(load_config(None, ["pretrain.targets=[reconstructor]"]))
+    assert todo == ["reconstructor"] and skipped["teacher"] == "not in pretrain.targets"
