@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from geco import storage
 from geco.config import GecoConfig
 from geco.tracking import start_run
+from pipelines.cluster import init_ray
 from pipelines.train_common import TrainResult, TrainSetupError, absolute_uri, run_training, training_datasets
 
 STAGE = "pretrain"
@@ -59,12 +60,6 @@ class PretrainOutputs:
         return "\n".join(lines)
 
 
-def _init_ray(address: str) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
-
 
 def plan(cfg: GecoConfig) -> tuple[list[str], dict[str, str]]:
     """(targets to train, {target: why skipped})."""
@@ -97,7 +92,7 @@ def run(cfg: GecoConfig, *, parent_run_id: str | None = None, targets: list[str]
         outputs.seconds = time.perf_counter() - t0
         return outputs
     storage.check_writable(out_uri)
-    _init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address)
 
     def datasets(target: str) -> dict:
         # one Dataset per job: concurrent jobs never share an execution

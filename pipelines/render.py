@@ -35,6 +35,7 @@ from geco.data import schema, shards
 from geco.data.cache import ObjectCache
 from geco.sources import ObjectRef, list_objects, source_list_hash
 from geco.tracking import image_grid, start_run
+from pipelines.cluster import init_ray
 
 FAULT_ENV = "GECO_RENDER_FAULT"  # test-only fault injection, forwarded to the render actors
 
@@ -174,12 +175,6 @@ class RenderActor:
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
-def _init_ray(address: str) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
-
 
 def _contact_sheet(samples: list[tuple[str, dict[str, bytes]]]) -> np.ndarray:
     """One row per object: the conditioning view, then the 6 Zero123++ views, on white."""
@@ -240,7 +235,7 @@ def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
                             "render.settings_hash": cfg.render.settings_hash()})
         result.mlflow_run_id = tracker.run_id
         if todo:
-            _init_ray(cfg.ray.address)
+            init_ray(cfg.ray.address)
             fault = {FAULT_ENV: os.environ[FAULT_ENV]} if FAULT_ENV in os.environ else {}
             ds = ray.data.from_items([{"ref": r.to_json()} for r in todo], override_num_blocks=len(todo))
             ds = ds.map_batches(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from geco import storage
 from geco.config import GecoConfig
 from geco.tracking import start_run
+from pipelines.cluster import init_ray
 from pipelines.train_common import TrainResult, TrainSetupError, absolute_uri, run_training, training_datasets
 
 STAGE = "stage1"
@@ -56,12 +57,6 @@ class Stage1Outputs:
         return "\n".join(lines)
 
 
-def _init_ray(address: str) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
-
 
 def _log_bundle(cfg: GecoConfig, run_id: str, uri: str) -> None:
     from pipelines.train_common import RunLogger, _log_weights, absolute_tracking_uri
@@ -83,7 +78,7 @@ def run(cfg: GecoConfig, parent_run_id: str | None = None) -> Stage1Outputs:
     outputs = Stage1Outputs(output_uri=out_uri, teacher_uri=cfg.models.teacher.pretrained,
                             reconstructor_uri=cfg.models.reconstructor.pretrained)
     storage.check_writable(out_uri)
-    _init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address)
     train_ds, val_ds, info = training_datasets(cfg.dataset.uri, holdout_fraction=s1.holdout_fraction,
                                                eval_objects=s1.train.eval_objects)
     outputs.val_source, outputs.eval_keys = info.val_source, info.eval_keys
