@@ -63,9 +63,14 @@ def _client(endpoint: str | None):
     return boto3.client("s3", endpoint_url=endpoint or None, config=cfg)
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the standard AWS environment (None: AWS's own)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def s3_client():
     """A boto3 S3 client for the endpoint in the environment (cached per process and endpoint)."""
-    return _client(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    return _client(s3_endpoint())
 
 
 def _is_missing(err: Exception) -> bool:
@@ -267,7 +272,7 @@ def check_writable(uri: str) -> None:
     """
     if is_s3(uri):
         bucket, _ = split_s3(uri)
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default"
+        endpoint = s3_endpoint() or "AWS default"
         try:
             s3_client().head_bucket(Bucket=bucket)
         except Exception as e:
@@ -293,11 +298,11 @@ def check_writable(uri: str) -> None:
 def check_readable(uri: str) -> None:
     """Fail fast when an input URI (file or prefix) cannot be read."""
     if is_s3(uri):
-        check_writable_bucket_only = split_s3(uri)[0]
+        bucket = split_s3(uri)[0]
         try:
-            s3_client().head_bucket(Bucket=check_writable_bucket_only)
+            s3_client().head_bucket(Bucket=bucket)
         except Exception as e:
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default"
+            endpoint = s3_endpoint() or "AWS default"
             raise StorageError(f"{uri}: cannot read from S3 endpoint {endpoint} ({type(e).__name__}: {e}); "
                                "check AWS_ENDPOINT_URL, credentials and the bucket name") from None
     elif not Path(uri).exists():

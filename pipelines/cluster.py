@@ -1,5 +1,9 @@
-"""Joining Ray: one place for how every stage connects (``ray.address`` in the config)."""
+"""Joining Ray, and the pyarrow S3 filesystem Ray Data / Ray Train use: one place for each."""
 from __future__ import annotations
+
+import os
+
+from geco import storage
 
 
 def init_ray(address: str) -> None:
@@ -9,3 +13,16 @@ def init_ray(address: str) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
+
+
+def s3_filesystem():
+    """A pyarrow S3 filesystem for the endpoint in the standard AWS environment (Ray Data reads,
+    Ray Train storage); credentials come from the same environment, never from configs."""
+    import pyarrow.fs
+
+    endpoint = storage.s3_endpoint()
+    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+    return pyarrow.fs.S3FileSystem(**kwargs)

@@ -10,25 +10,10 @@ training loop with :func:`geco.data.schema.decode_sample`, so decoding follows o
 """
 from __future__ import annotations
 
-import os
-
 from geco import storage
 from geco.data.loader import manifest_filter, shard_uris_from_manifest
 from geco.data.shards import read_latest_manifest
-
-
-def _filesystem(uri: str):
-    """A pyarrow S3 filesystem for the endpoint in the standard AWS environment (or None)."""
-    if not storage.is_s3(uri):
-        return None
-    import pyarrow.fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
-    if endpoint:
-        kwargs["endpoint_override"] = endpoint
-        kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
-    return pyarrow.fs.S3FileSystem(**kwargs)
+from pipelines.cluster import s3_filesystem
 
 
 def read_shards(dataset_uri: str, split: str | None = "train"):
@@ -41,7 +26,7 @@ def read_shards(dataset_uri: str, split: str | None = "train"):
     uris = shard_uris_from_manifest(dataset_uri, split, manifest=manifest)
     if not uris:
         raise FileNotFoundError(f"{dataset_uri}: the latest manifest has no {split!r} samples")
-    fs = _filesystem(dataset_uri)
+    fs = s3_filesystem() if storage.is_s3(dataset_uri) else None
     paths = [u[len("s3://"):] for u in uris] if fs is not None else uris
     ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, include_paths=True)
     keep = manifest_filter(manifest, split)

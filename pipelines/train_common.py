@@ -63,6 +63,7 @@ from typing import Any, Iterator
 
 from geco import storage
 from geco.config import GecoConfig
+from pipelines.cluster import s3_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +112,6 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # driver helpers
 # ---------------------------------------------------------------------------------------------
-def s3_filesystem():
-    """A pyarrow S3 filesystem for the endpoint in the standard AWS environment."""
-    import pyarrow.fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
-    if endpoint:
-        kwargs["endpoint_override"] = endpoint
-        kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
-    return pyarrow.fs.S3FileSystem(**kwargs)
-
-
 def storage_for(uri: str) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for ``RunConfig``: ``s3://b/p`` -> ("b/p", S3FileSystem);
     a local path -> (absolute path, None)."""
