@@ -9,6 +9,7 @@ An error names the file, the field and what is allowed, e.g.::
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -263,6 +264,7 @@ class TrainJobConfig(_Strict):
     gradient_checkpointing: bool = False  # trade compute for memory where the model supports it
     seed: int = 0  # model init, data shuffling and noise; each worker adds its rank
     shuffle_buffer: int = Field(64, ge=1)  # rows in each worker's local shuffle buffer (1 = stream order)
+    prefetch_batches: int = Field(2, ge=0)  # steps of input decoded ahead on a background thread (0 = on the training thread)
     checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = Field(3, ge=1)  # Ray Train keeps the newest K checkpoints
     eval_every: int = Field(500, ge=0)  # steps between evaluations on held-out objects (0 = start and end only)
@@ -273,6 +275,10 @@ class TrainJobConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)  # fractional on small machines: Ray Data needs CPUs too
     gpus_per_worker: float = Field(1.0, ge=0)  # used when use_gpu
     torch_threads: int = Field(0, ge=0)  # torch.set_num_threads per worker (0 = torch's default; 1 for tiny models)
+    # Before training, the job checks that the Ray cluster has the CPUs/GPUs its workers ask for and
+    # fails at once when it does not (Ray would wait forever). True skips that check and lets Ray wait:
+    # for an autoscaling cluster whose GPU nodes start on demand.
+    wait_for_resources: bool = False
     max_failures: int = Field(3, ge=0)  # worker-group restarts Ray Train allows (each resumes from the last checkpoint)
     storage_path: str = "outputs/train"  # Ray Train runs and checkpoints: a local folder or s3://bucket/prefix
     run_name: str = ""  # Ray Train run name ("" = <name>-<stage>-<config hash>; the same name resumes)
@@ -425,12 +431,36 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def _section_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The field names of the section at ``loc[:-1]`` under ``model`` (None: not a config section)."""
+    node: Any = model
+    for part in loc[:-1]:
+        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            return None
+        node = field.annotation
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _unknown_field(model: type[BaseModel] | None, loc: tuple) -> str:
+    """``unknown field; did you mean 'steps'?`` or ``unknown field; stage1.train has: ...``."""
+    fields = _section_fields(model, loc) if model is not None else None
+    if not fields:
+        return "unknown field"
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
+    if close:
+        return f"unknown field; did you mean {close[0]!r}?"
+    where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+    return f"unknown field; {where} has: {', '.join(fields)}"
+
+
+def _format_error(source: str, err: ValidationError, model: type[BaseModel] | None = None) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"  {loc}: {e['msg']}{got}")
+        msg = _unknown_field(model, tuple(e["loc"])) if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}{got}")
     return "\n".join(lines)
 
 
@@ -438,7 +468,7 @@ def validate(model: type[BaseModel], data: dict, source: str = "<config>"):
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(source, err)) from None
+        raise ConfigError(_format_error(source, err, model)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -1,6 +1,7 @@
 """DAG stage `pretrain`: train a teacher and/or a reconstructor from the render shards.
 
     targets = [t in cfg.pretrain.targets whose models.<t>.pretrained is empty]      [driver]
+    pre-flight: dataset, the cluster's CPUs/GPUs per job, output/storage writable   [driver]
     train/val Ray Datasets from the manifest (val split, or a hash-chosen holdout)  [Ray Data]
     MLflow: a `<name>/pretrain` run (child of the DAG's run), one child run per target
     per target: a Ray Train job (pipelines.train_common.run_training) running
@@ -18,11 +19,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from geco import storage
 from geco.config import GecoConfig
 from geco.tracking import start_run
-from pipelines.cluster import init_ray
-from pipelines.train_common import TrainResult, TrainSetupError, absolute_uri, run_training, training_datasets
+from pipelines.train_common import (
+    TrainResult,
+    TrainSetupError,
+    absolute_uri,
+    preflight,
+    run_training,
+    training_datasets,
+)
 
 STAGE = "pretrain"
 
@@ -91,8 +97,9 @@ def run(cfg: GecoConfig, *, parent_run_id: str | None = None, targets: list[str]
     if not todo:
         outputs.seconds = time.perf_counter() - t0
         return outputs
-    storage.check_writable(out_uri)
-    init_ray(cfg.ray.address)
+    # the dataset, the cluster's CPUs/GPUs and the output folders, before any run is opened
+    preflight(cfg, [f"pretrain.{t}" for t in todo], dataset_uri=cfg.dataset.uri, output_uri=out_uri,
+              concurrent=cfg.pretrain.concurrent)
 
     def datasets(target: str) -> dict:
         # one Dataset per job: concurrent jobs never share an execution

@@ -2,6 +2,7 @@
 
     teacher / reconstructor sources: stage1.teacher / stage1.reconstructor      [driver]
         ("" = models.*; "pretrain" = the pretrain stage's output; or a URI)
+    pre-flight: dataset, the cluster's CPUs/GPUs, output/storage writable          [driver]
     train/val Ray Datasets from the manifest (val split, or a hash-chosen holdout) [Ray Data]
     MLflow: a `<name>/stage1` run (child of the DAG's run when parent_run_id is given), the
         config as params, per-step losses and both learning rates (train/...), held-out
@@ -20,11 +21,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from geco import storage
 from geco.config import GecoConfig
 from geco.tracking import start_run
-from pipelines.cluster import init_ray
-from pipelines.train_common import TrainResult, TrainSetupError, absolute_uri, run_training, training_datasets
+from pipelines.train_common import (
+    TrainResult,
+    TrainSetupError,
+    absolute_uri,
+    preflight,
+    run_training,
+    training_datasets,
+)
 
 STAGE = "stage1"
 
@@ -77,8 +83,8 @@ def run(cfg: GecoConfig, parent_run_id: str | None = None) -> Stage1Outputs:
     out_uri = absolute_uri(s1.output_uri)
     outputs = Stage1Outputs(output_uri=out_uri, teacher_uri=cfg.models.teacher.pretrained,
                             reconstructor_uri=cfg.models.reconstructor.pretrained)
-    storage.check_writable(out_uri)
-    init_ray(cfg.ray.address)
+    # the dataset, the cluster's CPUs/GPUs and the output folders, before any run is opened
+    preflight(cfg, ["stage1.train"], dataset_uri=cfg.dataset.uri, output_uri=out_uri)
     train_ds, val_ds, info = training_datasets(cfg.dataset.uri, holdout_fraction=s1.holdout_fraction,
                                                eval_objects=s1.train.eval_objects)
     outputs.val_source, outputs.eval_keys = info.val_source, info.eval_keys

@@ -2,12 +2,20 @@
 
 A stage writes a :class:`geco.train.loop.TrainTask` (models, one optimiser step, evaluation,
 export; pure torch) and a :class:`geco.config.TrainJobConfig` section, then calls
-:func:`run_training`::
+:func:`preflight` and :func:`run_training`::
 
+    preflight(cfg, ["stage1.train"], dataset_uri=cfg.dataset.uri, output_uri=...)   # joins Ray
     train_ds, val_ds, info = training_datasets(cfg.dataset.uri, holdout_fraction=..., eval_objects=...)
     with start_run(cfg.tracking, f"{cfg.name}/stage1", parent_run_id=parent) as tracker:
         result = run_training(VSDTask, cfg, "stage1", stage="stage1", datasets={"train": train_ds, "val": val_ds},
                               output_uri=..., tracker=tracker)
+
+Before anything is written (no MLflow run, no Ray Train run, no output folder), :func:`preflight`
+fails with a :class:`TrainSetupError` that says what to fix when the dataset has no manifest, a shard
+file its manifest lists is gone, or there are no train objects; when the Ray cluster cannot place
+the job's workers (``use_gpu`` with too few GPUs, more CPUs than it has, or no CPU left for Ray
+Data: Ray Train would wait forever; ``wait_for_resources`` skips this for autoscaling clusters);
+or when the output or Ray Train storage cannot be written.
 
 What the glue does, on the driver
     * a ``TorchTrainer`` from the job section: ``num_workers``, ``use_gpu``, CPUs/GPUs per worker,
@@ -54,8 +62,10 @@ import importlib
 import json
 import logging
 import os
+import queue
 import random
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +73,7 @@ from typing import Any, Iterator
 
 from geco import storage
 from geco.config import GecoConfig
-from pipelines.cluster import s3_filesystem
+from pipelines.cluster import init_ray, s3_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +220,143 @@ def training_datasets(dataset_uri: str, *, holdout_fraction: float = 0.1, eval_o
         val_ds = train_ds.filter(lambda r: r["__key__"] in keep)
         train_ds = train_ds.filter(lambda r: r["__key__"] not in held)
         info = DatasetInfo(len(train_keys) - len(held), len(held), "holdout", eval_keys)
+    for ds in (train_ds, val_ds):  # the workers show training progress; Ray Data's bars there only flood the log
+        ds.context.enable_progress_bars = False
     return train_ds, val_ds, info
+
+
+# ---------------------------------------------------------------------------------------------
+# pre-flight: everything a user can get wrong, checked before any MLflow run or Ray Train job
+# ---------------------------------------------------------------------------------------------
+def _few(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def check_dataset(dataset_uri: str) -> dict:
+    """The latest manifest of ``dataset_uri`` once it is fit to train on, else :class:`TrainSetupError`:
+    no manifest, a shard file that its current samples live in is gone, no train objects, or too
+    few objects to hold one out for evaluation. Lists the dataset folder once (local or s3://)."""
+    from geco.data.shards import current_samples, read_latest_manifest
+
+    if not storage.is_s3(dataset_uri) and not Path(dataset_uri).expanduser().is_dir():
+        raise TrainSetupError(f"dataset.uri={dataset_uri}: no such folder; render a dataset there with "
+                              "`geco render --config <config>` or point dataset.uri (--data) at one")
+    storage.check_readable(dataset_uri)  # S3: the endpoint and the bucket, with a clear message
+    manifest = read_latest_manifest(dataset_uri)
+    if manifest is None:
+        raise TrainSetupError(f"dataset.uri={dataset_uri}: no shard manifest (manifest/v*.json): nothing was "
+                              "rendered there; run `geco render --config <config>` with this dataset.uri first, "
+                              "or point dataset.uri (--data) at a rendered dataset")
+    version = f"manifest v{manifest.get('version', 0):06d}"
+    live = {name: keys for split in ("train", "val") for name, keys in current_samples(manifest, split).items()}
+    root = dataset_uri.rstrip("/") if storage.is_s3(dataset_uri) else str(Path(dataset_uri).expanduser())
+    present = {uri[len(root) + 1:] for uri in storage.listdir(root)}
+    missing = sorted(name for name in live if name not in present)
+    if missing:
+        objects = sum(len(live[name]) for name in missing)
+        raise TrainSetupError(
+            f"dataset.uri={dataset_uri}: {len(missing)} shard file(s) listed by its {version} are missing "
+            f"({_few(missing)}; {objects} object(s)). Restore them, or delete their index files "
+            f"({_few([n[:-len('.tar')] + '.json' for n in missing], 3)}) and re-run `geco render --config "
+            "<config>`: it renders again the objects that no committed shard holds (`--force` renders all)")
+    train = {k for keys in current_samples(manifest, "train").values() for k in keys}
+    val = {k for keys in current_samples(manifest, "val").values() for k in keys}
+    if not train:
+        raise TrainSetupError(f"dataset.uri={dataset_uri}: its {version} has no train objects ({len(val)} val); "
+                              "render objects into it (and check dataset.val_fraction)")
+    if not val and len(train) < 2:
+        raise TrainSetupError(f"dataset.uri={dataset_uri}: {len(train)} object(s) and no val split: nothing to "
+                              "hold out for evaluation (render more objects or set dataset.val_fraction)")
+    return manifest
+
+
+def _cluster_address(cfg: GecoConfig) -> str:
+    import ray
+
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+    except Exception:  # Ray Client and other modes: the configured address says enough
+        gcs = ""
+    return f"{gcs} (ray.address={cfg.ray.address})" if gcs else f"ray.address={cfg.ray.address}"
+
+
+DATA_CPUS = 1.0  # what one Ray Data task (shard read, filter) asks for: the CPU left beside the workers
+
+
+def check_resources(cfg: GecoConfig, job_path: str, *, concurrent_cpus: float = 0.0) -> None:
+    """Raise :class:`TrainSetupError` when the Ray cluster cannot run the job: its workers do not fit
+    on the nodes that exist now (CPUs and, with ``use_gpu``, GPUs per worker), or they leave less than
+    one CPU for Ray Data, which streams the shards to them. Either way Ray Train would wait forever.
+    ``concurrent_cpus``: CPUs taken by workers of jobs running at the same time. Skipped with
+    ``<job_path>.wait_for_resources`` (autoscaling clusters)."""
+    import ray
+
+    job = section(cfg, job_path)
+    if job.wait_for_resources:
+        return
+    need = {"CPU": job.cpus_per_worker}
+    if job.use_gpu:
+        need["GPU"] = job.gpus_per_worker
+    total = ray.cluster_resources()
+    try:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    except Exception:  # no per-node view: the cluster as one node
+        nodes = [total]
+
+    def workers_on(res: dict) -> int:  # how many workers one node can hold
+        ratios = [res.get(r, 0.0) / amount for r, amount in need.items() if amount > 0]
+        return int(min(ratios) + 1e-9) if ratios else job.num_workers
+
+    fit = sum(workers_on(res) for res in nodes)
+    gpus, cpus = total.get("GPU", 0.0), total.get("CPU", 0.0)
+    asked_gpus, asked_cpus = job.num_workers * job.gpus_per_worker, job.num_workers * job.cpus_per_worker
+    left = cpus - asked_cpus - concurrent_cpus
+    if fit >= job.num_workers and left >= DATA_CPUS - 1e-9:
+        return
+    where = _cluster_address(cfg)
+    hint = f"on an autoscaling cluster set {job_path}.wait_for_resources=true"
+    if job.use_gpu and asked_gpus > gpus + 1e-9:
+        raise TrainSetupError(
+            f"{job_path}.use_gpu=true asks for {asked_gpus:g} GPU(s) (num_workers {job.num_workers} x gpus_per_worker "
+            f"{job.gpus_per_worker:g}) but the Ray cluster at {where} has {gpus:g}; set {job_path}.use_gpu=false "
+            f"(or fewer {job_path}.num_workers), or {hint}")
+    if asked_cpus > cpus + 1e-9:
+        raise TrainSetupError(
+            f"{job_path} asks for {asked_cpus:g} CPU(s) (num_workers {job.num_workers} x cpus_per_worker "
+            f"{job.cpus_per_worker:g}) but the Ray cluster at {where} has {cpus:g}; lower {job_path}.cpus_per_worker "
+            f"or {job_path}.num_workers, or {hint}")
+    if fit >= job.num_workers:  # the workers fit, but Ray Data would get no CPU
+        others = f" and {concurrent_cpus:g} by the concurrent job(s)" if concurrent_cpus else ""
+        raise TrainSetupError(
+            f"{job_path}: its workers take {asked_cpus:g} CPU(s) (num_workers {job.num_workers} x cpus_per_worker "
+            f"{job.cpus_per_worker:g}){others} out of the {cpus:g} CPU(s) of the Ray cluster at {where}, leaving {max(left, 0):g}; "
+            f"Ray Data, which streams the shards to the workers, needs {DATA_CPUS:g} free and the job would hang. "
+            f"Lower {job_path}.cpus_per_worker (fractions are fine, e.g. 0.5) or {job_path}.num_workers, or {hint}")
+    per_node = ", ".join(f"{{{', '.join(f'{r}: {res.get(r, 0.0):g}' for r in need)}}}" for res in nodes[:8])
+    raise TrainSetupError(
+        f"{job_path}: only {fit} of num_workers={job.num_workers} worker(s) fit on the nodes of the Ray cluster at "
+        f"{where} (each worker asks for {', '.join(f'{amount:g} {r}' for r, amount in need.items())} on one node; "
+        f"nodes: {per_node}); lower {job_path}.num_workers or the per-worker resources, or {hint}")
+
+
+def preflight(cfg: GecoConfig, job_paths: list[str], *, dataset_uri: str, output_uri: str,
+              concurrent: bool = False) -> dict:
+    """Everything checked before a training stage opens an MLflow run or starts a Ray Train job, each
+    failing with a :class:`TrainSetupError` (or :class:`geco.storage.StorageError`) that says what
+    to fix: the dataset (:func:`check_dataset`), joining Ray, the cluster's CPUs/GPUs for every job
+    (:func:`check_resources`; ``concurrent``: the jobs run side by side), and that ``output_uri`` and
+    every job's ``storage_path`` can be written (local folders are created by that check, and only
+    then). Returns the manifest."""
+    manifest = check_dataset(dataset_uri)
+    init_ray(cfg.ray.address)
+    jobs = {path: section(cfg, path) for path in job_paths}
+    for path in job_paths:
+        others = sum(j.num_workers * j.cpus_per_worker for p, j in jobs.items() if p != path) if concurrent else 0.0
+        check_resources(cfg, path, concurrent_cpus=others)
+    storage.check_writable(output_uri)
+    for path in job_paths:
+        storage.check_writable(section(cfg, path).storage_path)
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +560,73 @@ class RowStream:
         return rows
 
 
+class Prefetcher:
+    """A step's micro-batches, taken from a :class:`RowStream` and decoded by ``prepare`` on a
+    background thread, ``depth`` steps ahead of the training loop (``depth=0``: on the caller's
+    thread, nothing ahead).
+
+    The stream's own position runs ahead by up to ``depth`` steps; :attr:`position` is the position
+    after the last step *handed out*, which is what a checkpoint must record (the prefetched rows
+    are taken again after a resume). Errors in the thread (a decode failure, an empty shard) are
+    raised by :meth:`next` on the training thread."""
+
+    _DONE = object()
+
+    def __init__(self, stream: RowStream, prepare, *, batch_size: int, accumulation: int, depth: int):
+        from geco.train.checkpoint import DataPosition
+
+        self._stream, self._prepare = stream, prepare
+        self._batch_size, self._accumulation = batch_size, accumulation
+        self.position = DataPosition(stream.position.epoch, stream.position.samples)
+        self._depth = depth
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._thread = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._fill, name="geco-prefetch", daemon=True)
+            self._thread.start()
+
+    def _load(self) -> tuple[list, tuple[int, int]]:
+        micro = [self._prepare(self._stream.take(self._batch_size)) for _ in range(self._accumulation)]
+        return micro, (self._stream.position.epoch, self._stream.position.samples)
+
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._load()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
+            self._queue.put(e)
+
+    def next(self) -> list:
+        """The next step's micro-batches (each ``prepare(rows)`` of ``batch_size`` rows)."""
+        if self._thread is None:
+            micro, (epoch, samples) = self._load()
+        else:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            micro, (epoch, samples) = item
+        self.position.epoch, self.position.samples = epoch, samples
+        return micro
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._thread.join(timeout=5)
+
+
 def _report(task, job, step: int, position, metrics: dict, rank: int, with_checkpoint: bool) -> None:
     import ray.train
 
@@ -452,6 +665,17 @@ def _wait_until_collected(timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while getattr(q, "unfinished_tasks", 0) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def _progress_bar(name: str, step: int, steps: int, rank: int):
+    """Rank 0's step counter (tqdm; a line every 10 s when the log is not a terminal)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=steps, initial=step, desc=f"{name} steps", unit="step", disable=rank != 0,
+                mininterval=0.5 if tty else 10.0, dynamic_ncols=tty)
 
 
 def _log_eval(logger: RunLogger, result, step: int) -> dict[str, float]:
@@ -555,10 +779,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     stream = RowStream(ray.train.get_dataset_shard("train"), position, seed=job.seed, rank=rank,
                        buffer=job.shuffle_buffer)
+    loader = Prefetcher(stream, task.prepare, batch_size=job.batch_size, accumulation=job.grad_accumulation,
+                        depth=job.prefetch_batches if step < job.steps else 0)
+    position = loader.position  # what checkpoints record: the rows of the steps taken so far
     metrics: dict[str, float] = {}
     start_step = step
-    t_log, rows_since = time.perf_counter(), 0
+    t_log, rows_since, data_wait = time.perf_counter(), 0, 0.0
     exported: dict[str, str] = {}
+    progress = _progress_bar(task_cls.name, step, job.steps, rank)
 
     def finish() -> None:  # rank 0, once training is complete: final evaluation and the weights
         nonlocal last_eval, exported
@@ -573,17 +801,24 @@ def train_loop_per_worker(config: dict) -> None:
 
     _timing("ready", t_start, rank)
     while step < job.steps:
-        micro = [task.prepare(stream.take(job.batch_size)) for _ in range(job.grad_accumulation)]
+        t_wait = time.perf_counter()
+        micro = loader.next()
+        data_wait += time.perf_counter() - t_wait
         metrics = task.train_step(micro, step)
         step += 1
+        progress.update(1)
         rows_since += job.batch_size * job.grad_accumulation
         maybe_inject_fault(step, rank)
         if step % job.log_every == 0 or step == job.steps:
             now = time.perf_counter()
+            span = max(now - t_log, 1e-9)
+            metrics["step_s"] = span * job.batch_size * job.grad_accumulation / max(rows_since, 1)  # wall per step
+            metrics["samples_per_s"] = rows_since * world / span
+            metrics["data_wait_fraction"] = data_wait / span  # > 0.1: input-bound
             logged = {f"train/{k}": v for k, v in metrics.items()}
-            logged["train/samples_per_s"] = rows_since * world / max(now - t_log, 1e-9)
             logger.metrics(logged, step)
-            t_log, rows_since = now, 0
+            progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")}, refresh=False)
+            t_log, rows_since, data_wait = now, 0, 0.0
         if val_batch is not None and job.eval_every and step % job.eval_every == 0:
             last_eval = _log_eval(logger, task.evaluate(val_batch, step), step)
             eval_step = step
@@ -592,6 +827,8 @@ def train_loop_per_worker(config: dict) -> None:
             finish()  # before the last checkpoint: Ray Train's result carries that checkpoint's metrics
         if step % job.checkpoint_every == 0 or step == job.steps:
             _report(task, job, step, position, _final_metrics(metrics, last_eval, resumed_from, exported), rank, True)
+    loader.close()
+    progress.close()
     if step == start_step:  # nothing to train (complete already): export again, report without a checkpoint
         finish()
         _report(task, job, step, position, _final_metrics(metrics, last_eval, resumed_from, exported), rank, False)

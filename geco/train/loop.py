@@ -160,9 +160,10 @@ def make_adamw(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay:
 # helpers for tasks
 # ---------------------------------------------------------------------------------------------
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1] (mean squared error over everything)."""
-    mse = torch.mean((pred.detach().float().clamp(0, 1) - target.detach().float()) ** 2).item()
-    return float(-10.0 * math.log10(max(mse, 1e-10)))
+    """The mean over images of each image's PSNR in dB (images in [0, 1]; see geco.metrics)."""
+    from geco.metrics import mean_psnr
+
+    return mean_psnr(pred, target)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

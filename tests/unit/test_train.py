@@ -187,6 +187,51 @@ def test_row_stream_resumes_at_the_same_row():
         RowStream(_Shard([]), DataPosition(), seed=0, rank=1, buffer=2).take(1)
 
 
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetcher_hands_out_the_stream_in_order_and_records_the_consumed_position(depth):
+    """Prefetching runs ahead of training, but a checkpoint records where the *consumed* steps end: a
+    stream resumed from that position yields exactly the steps that follow."""
+    import threading
+
+    from pipelines.train_common import Prefetcher, RowStream
+
+    rows = [{"__key__": f"k{i}"} for i in range(7)]
+    threads = set()
+
+    def prepare(batch):
+        threads.add(threading.get_ident())
+        return [r["__key__"] for r in batch]
+
+    def loader(position):
+        stream = RowStream(_Shard(rows), position, seed=5, rank=0, buffer=4)
+        return Prefetcher(stream, prepare, batch_size=2, accumulation=2, depth=depth)
+
+    ref = RowStream(_Shard(rows), DataPosition(), seed=5, rank=0, buffer=4)
+    expected = [[[r["__key__"] for r in ref.take(2)] for _ in range(2)] for _ in range(5)]
+    a = loader(DataPosition())
+    got = [a.next() for _ in range(3)]
+    assert got == expected[:3]
+    assert a.position == DataPosition(epoch=1, samples=5)  # 12 rows consumed: 7 + 5, whatever ran ahead
+    b = loader(DataPosition(a.position.epoch, a.position.samples))
+    assert [b.next() for _ in range(2)] == expected[3:5]
+    a.close()
+    b.close()
+    assert (threading.get_ident() in threads) == (depth == 0)  # decoded off the training thread
+
+
+def test_prefetcher_raises_loader_errors_on_the_training_thread():
+    from pipelines.train_common import Prefetcher, RowStream
+
+    def prepare(batch):
+        raise ValueError(f"cannot decode {batch[0]['__key__']}")
+
+    stream = RowStream(_Shard([{"__key__": "bad"}]), DataPosition(), seed=0, rank=0, buffer=1)
+    loader = Prefetcher(stream, prepare, batch_size=1, accumulation=1, depth=2)
+    with pytest.raises(ValueError, match="cannot decode bad"):
+        loader.next()
+    loader.close()
+
+
 def test_holdout_is_stable():
     from pipelines.train_common import holdout_keys
 
