@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[render,dev]'
 	touch $@
 
-demo: install
-	$(VENV)/bin/geco render --config configs/local.yaml
+demo: install  # the whole DAG (render -> pretrain -> stage1) on the embedded default; re-running is free
+	$(VENV)/bin/geco run --config configs/local.yaml
 
 test: install
 	$(PY) -m pytest -q
@@ -34,4 +34,4 @@ lint: install
 	$(VENV)/bin/ruff check geco pipelines jobs tests benchmarks
 
 clean:
-	rm -rf outputs mlruns.db .pytest_cache
+	rm -rf outputs mlruns.db mlruns mlartifacts .pytest_cache

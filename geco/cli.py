@@ -5,6 +5,7 @@
     geco generate IMAGE [IMAGE ...] --checkpoint URI -o OUTDIR [--seed S] [--num-samples K] [--device cpu|cuda]
     geco models init-tiny DEST [--set k=v ...]                  # a tiny random checkpoint bundle
     geco train pretrain|stage1 --config configs/local.yaml [--set k=v ...]   # Ray Train (resumes)
+    geco run --config configs/local.yaml [--set k=v ...] [--stages render,pretrain]  # the whole DAG
 
 Stages that need Ray are imported lazily from ``pipelines/`` so ``geco --help`` stays fast.
 """
@@ -41,7 +42,44 @@ def _parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_models_parser(sub)
     _add_train_parser(sub)
+    _add_run_parser(sub)
     return ap
+
+
+def _add_run_parser(sub) -> None:
+    from pipelines.dag import STAGES  # light: pipelines.dag imports its stages lazily
+
+    d = sub.add_parser("run", help="the whole DAG (render -> pretrain -> stage1) under one MLflow parent run; "
+                                   "re-running does only what is missing")
+    _add_config_args(d)
+    d.add_argument("--stages", metavar="A,B", default=None,
+                   help=f"run only these stages, in DAG order (default: all of {','.join(STAGES)})")
+
+
+def _run_main(args) -> int:
+    from pipelines import dag
+
+    try:
+        stages = dag.parse_stages(args.stages)  # before any work (and before the config is loaded)
+        cfg = load_config(args.config, args.overrides)
+        result = dag.run(cfg, stages=stages, progress=lambda text: print(text, flush=True))
+        print(result.summary())
+        return 0
+    except ConfigError as e:
+        print(f"geco: config error: {e}", file=sys.stderr)
+        return 2
+    except dag.StageFailed as e:  # one line for errors users cause; tracebacks for bugs
+        from geco.storage import StorageError
+
+        cause = e.cause
+        if isinstance(cause, (ConfigError, StorageError, FileNotFoundError)) or type(cause).__name__ in (
+                "TrainSetupError", "RenderAborted"):
+            print(f"geco: {e}", file=sys.stderr)
+            return 2
+        if type(cause).__name__ == "TrainingFailedError":
+            print(f"geco: training failed: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 def _add_train_parser(sub) -> None:
@@ -226,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         return _models_main(args)
     if args.command == "train":
         return _train_main(args)
+    if args.command == "run":
+        return _run_main(args)
     try:
         cfg = _load(args)
         if args.command == "config":

@@ -151,6 +151,9 @@ class TrackingConfig(_Strict):
     uri: str = "sqlite:///mlruns.db"
     experiment: str = "geco"
     enabled: bool = True
+    # where a *new* experiment keeps its artifacts (local folder, s3://, ...); "" = the server's default,
+    # or for a sqlite store a folder `mlartifacts` beside the .db file (not ./mlruns of whatever the cwd is)
+    artifact_location: str = ""
     contact_sheet_objects: int = Field(4, ge=0)  # rendered objects shown in the contact sheet
 
 

@@ -96,6 +96,18 @@ class Tracker:
             mlflow.log_artifact(str(path), artifact_path)
 
 
+def artifact_location(tracking_cfg) -> str | None:
+    """Where a new experiment stores artifacts: ``tracking.artifact_location``, else for a sqlite
+    store ``<folder of the .db>/mlartifacts``, else None (the tracking server decides)."""
+    if tracking_cfg.artifact_location:
+        loc = tracking_cfg.artifact_location
+        return loc if "://" in loc else Path(loc).expanduser().resolve().as_uri()
+    prefix = "sqlite:///"
+    if tracking_cfg.uri.startswith(prefix):
+        return (Path(tracking_cfg.uri[len(prefix):]).expanduser().resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 @contextlib.contextmanager
 def start_run(tracking_cfg, run_name: str, *, parent_run_id: str | None = None,
               tags: dict | None = None) -> Iterator[Tracker]:
@@ -111,6 +123,12 @@ def start_run(tracking_cfg, run_name: str, *, parent_run_id: str | None = None,
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking_cfg.uri)
+    if mlflow.get_experiment_by_name(tracking_cfg.experiment) is None:
+        location = artifact_location(tracking_cfg)
+        try:
+            mlflow.create_experiment(tracking_cfg.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            pass
     mlflow.set_experiment(tracking_cfg.experiment)
     run_tags = dict(tags or {})
     if parent_run_id:

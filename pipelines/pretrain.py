@@ -55,7 +55,8 @@ class PretrainOutputs:
         return out
 
     def summary(self) -> str:
-        lines = [f"pretrain: {len(self.results)} model(s) trained in {self.seconds:.1f} s "
+        done = sum(not r.already_complete for r in self.results.values())
+        lines = [f"pretrain: {done} model(s) trained, {len(self.results) - done} already complete, in {self.seconds:.1f} s "
                  f"(evaluated on {len(self.eval_keys)} {self.val_source} object(s))"]
         for r in self.results.values():
             lines.append("  " + r.summary().replace("\n", "\n  "))

@@ -109,7 +109,7 @@ def run(cfg: GecoConfig, parent_run_id: str | None = None) -> Stage1Outputs:
         outputs.metrics = {k[5:]: float(v) for k, v in result.metrics.items()
                            if k.startswith("eval/") and isinstance(v, (int, float))}
         tracker.set_tags({"geco.bundle_uri": outputs.bundle_uri or "", "geco.generator_uri": outputs.generator_uri or ""})
-        if s1.log_weights and tracker.enabled and outputs.bundle_uri:
+        if s1.log_weights and tracker.enabled and outputs.bundle_uri and not result.already_complete:
             _log_bundle(cfg, tracker.run_id, outputs.bundle_uri)
         outputs.seconds = time.perf_counter() - t0
         tracker.log_metrics({"seconds": outputs.seconds})

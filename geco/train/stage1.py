@@ -143,6 +143,25 @@ def resolve_sources(cfg):
     return cfg.model_copy(update={"models": models})
 
 
+def condition_batch(rows: list[dict], grid_tile: int | None = None, device: torch.device | str = "cpu") -> dict:
+    """Shard rows -> ``{"keys", "cond": [B, 3, H, W]}`` (white background); with ``grid_tile``
+    also ``"grid"``: the ground-truth 6 Zero123++ views as the teacher's 3x2 grid of that tile size."""
+    from geco.models.teacher import grid_from_views
+
+    views = "none" if grid_tile is None else [f"{i:03d}" for i in range(6)]
+    samples = [decode_sample(r, background=(1.0, 1.0, 1.0), views=views, with_depth=False, with_normals=False)
+               for r in rows]
+    out = {"keys": [s["key"] for s in samples], "cond": torch.stack([s["cond_rgb"] for s in samples]).to(device)}
+    if grid_tile is not None:
+        v = torch.stack([s["zero123"]["rgb"] for s in samples])  # [B, 6, 3, H, W]
+        if v.shape[-1] != grid_tile:
+            flat = F.interpolate(v.flatten(0, 1), size=(grid_tile, grid_tile), mode="bilinear", antialias=True,
+                                 align_corners=False)
+            v = flat.view(*v.shape[:2], *flat.shape[1:])
+        out["grid"] = grid_from_views(v).to(device)
+    return out
+
+
 # ================================================================================================
 # Checkpoint views
 # ================================================================================================
@@ -483,22 +502,7 @@ class VSDTask(TrainTask):
 
     # -- data ----------------------------------------------------------------------------------
     def prepare(self, rows: list[dict], training: bool = True) -> dict[str, Any]:
-        from geco.models.teacher import grid_from_views
-
-        bg = (1.0, 1.0, 1.0)
-        views = "none" if training else [f"{i:03d}" for i in range(6)]
-        samples = [decode_sample(r, background=bg, views=views, with_depth=False, with_normals=False) for r in rows]
-        dev = self.ctx.device
-        out = {"keys": [s["key"] for s in samples], "cond": torch.stack([s["cond_rgb"] for s in samples]).to(dev)}
-        if not training:
-            tile = self.teacher.tile_size
-            v = torch.stack([s["zero123"]["rgb"] for s in samples])  # [B, 6, 3, H, W]
-            if v.shape[-1] != tile:
-                flat = F.interpolate(v.flatten(0, 1), size=(tile, tile), mode="bilinear", antialias=True,
-                                     align_corners=False)
-                v = flat.view(*v.shape[:2], *flat.shape[1:])
-            out["grid"] = grid_from_views(v).to(dev)
-        return out
+        return condition_batch(rows, None if training else self.teacher.tile_size, self.ctx.device)
 
     # -- training ------------------------------------------------------------------------------
     def _randn(self, shape, gen: torch.Generator) -> torch.Tensor:
@@ -663,14 +667,16 @@ class VSDTask(TrainTask):
                                      latents=z)
                 self._eval_cache = (key, teacher.decode_latents(lat))
             teacher_images = self._eval_cache[1]
-            gen_images = teacher.decode_latents(gen_model(cond, z))
+            gen_latents = gen_model(cond, z)
+            gen_images = teacher.decode_latents(gen_latents)
+            loss_fake = self._eval_fake_loss(gen_latents, cond)
         finally:
             gen_model.unet.train(was_training)
             if moved:
                 gen_model.unet.to("cpu")
         gt = batch["grid"]
         metrics = {"psnr_generator_gt": psnr(gen_images, gt), "psnr_generator_teacher": psnr(gen_images, teacher_images),
-                   "psnr_teacher_gt": psnr(teacher_images, gt)}
+                   "psnr_teacher_gt": psnr(teacher_images, gt), "loss_fake": loss_fake}
         lp = self._lpips()
         if lp is not None and lp.available:
             metrics["lpips_generator_gt"] = float(lp(gen_images, gt).mean())
@@ -684,6 +690,29 @@ class VSDTask(TrainTask):
                                            to_uint8(gt[i])]))
             images["samples"] = vstack_images(rows)  # input | teacher | generator | ground truth
         return EvalResult(metrics, images)
+
+    @torch.no_grad()
+    def _eval_fake_loss(self, x0: torch.Tensor, cond, num_t: int = 8) -> float:
+        """The fake score's diffusion loss on the generator's held-out outputs at ``num_t`` evenly
+        spaced timesteps in [t_min, t_max], with fixed noise: how well it models the generator's
+        distribution (the per-step training loss draws t at random and is too noisy to compare)."""
+        from geco.distill.vsd import fake_score_loss
+        from geco.models.teacher import _randn
+
+        s, b = self.s1, x0.shape[0]
+        g = torch.Generator().manual_seed(_seed("eval-fake", self.job.seed))
+        was_training = self.fake.unet.training
+        self.fake.unet.eval()
+        try:
+            losses = []
+            for t in torch.linspace(s.t_min * 1000, s.t_max * 1000, num_t).round().long():
+                noise = _randn(x0.shape, g, x0.device)
+                cond_noise = _randn((b, *cond.cond_lat.shape[1:]), g, x0.device)
+                losses.append(float(fake_score_loss(self.teacher, self.fake, x0, cond, t.expand(b).to(x0.device),
+                                                    noise, cond_noise=cond_noise)))
+        finally:
+            self.fake.unet.train(was_training)
+        return sum(losses) / len(losses)
 
     def _lpips(self):
         if self._lpips_metric is None:

@@ -22,10 +22,6 @@ from geco.config import load_config
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
 # 8 procedural objects; val_fraction 0.52 puts procedural-0005 and -0007 in the val split.
-RENDER = ["source.kind=procedural", "source.num_procedural=8", "render.cond.resolution=32",
-          "render.zero123.resolution=32", "render.random.count=4", "render.random.resolution=32",
-          "render.blender.samples=4", "render.blender.threads=1", "dataset.samples_per_shard=4",
-          "dataset.val_fraction=0.52", "ray.num_renderers=2", "ray.cpus_per_renderer=0.5"]
 MODELS = ["models.teacher.tile_size=16", "models.teacher.cond_size=32",
           "models.reconstructor.input_size=32", "models.reconstructor.down_channels=[16,32,64]",
           "models.reconstructor.down_attention=[false,false,true]", "models.reconstructor.up_channels=[64,32]",
@@ -41,15 +37,8 @@ def _job(target: str, **kw) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_local):
-    from pipelines import render
-
-    root = tmp_path_factory.mktemp("pretrain-data")
-    cfg = load_config(None, RENDER + [f"dataset.uri={root / 'shards'}", f"cache.dir={root / 'cache'}",
-                                      "tracking.enabled=false"])
-    res = render.run(cfg)
-    assert res.rendered == 8, res.summary()
-    return str(root / "shards")
+def dataset(tiny_dataset) -> str:
+    return tiny_dataset
 
 
 def tiny_config(tmp_path: Path, dataset: str, tracking_uri: str, *extra: str):
