@@ -69,17 +69,26 @@ def _run_main(args) -> int:
         print(f"geco: config error: {e}", file=sys.stderr)
         return 2
     except dag.StageFailed as e:  # one line for errors users cause; tracebacks for bugs
-        from geco.storage import StorageError
+        code = _report_failure(e.cause, str(e))
+        if code is None:
+            raise
+        return code
 
-        cause = e.cause
-        if isinstance(cause, (ConfigError, StorageError, FileNotFoundError)) or type(cause).__name__ in (
-                "TrainSetupError", "RenderAborted"):
-            print(f"geco: {e}", file=sys.stderr)
-            return 2
-        if type(cause).__name__ == "TrainingFailedError":
-            print(f"geco: training failed: {e}", file=sys.stderr)
-            return 1
-        raise
+
+def _report_failure(err: BaseException, message: str) -> int | None:
+    """Print ``message`` as one line and return the exit status for a failure the user can act on
+    (2: bad input, config, data, storage or cluster; 1: a training job that failed beyond its
+    restarts), or return None for a bug (the caller re-raises: a traceback)."""
+    from geco.storage import StorageError
+
+    if isinstance(err, (ConfigError, StorageError, FileNotFoundError)) or type(err).__name__ in (
+            "TrainSetupError", "RenderAborted"):
+        print(f"geco: {message}", file=sys.stderr)
+        return 2
+    if type(err).__name__ == "TrainingFailedError":
+        print(f"geco: training failed: {message}", file=sys.stderr)
+        return 1
+    return None
 
 
 def _add_train_parser(sub) -> None:
@@ -124,15 +133,10 @@ def _train_main(args) -> int:
         print(f"geco: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # one line for errors users cause; tracebacks for bugs
-        from geco.storage import StorageError
-
-        if isinstance(e, (StorageError, FileNotFoundError)) or type(e).__name__ == "TrainSetupError":
-            print(f"geco: {e}", file=sys.stderr)
-            return 2
-        if type(e).__name__ == "TrainingFailedError":
-            print(f"geco: training failed: {e}", file=sys.stderr)
-            return 1
-        raise
+        code = _report_failure(e, str(e))
+        if code is None:
+            raise
+        return code
 
 
 def _add_generate_parser(sub) -> None:
@@ -284,12 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"geco: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a clear one-line reason for errors users cause; tracebacks for bugs
-        from geco.storage import StorageError
-
-        if isinstance(e, (StorageError, FileNotFoundError)) or type(e).__name__ == "RenderAborted":
-            print(f"geco: {e}", file=sys.stderr)
-            return 2
-        raise
+        code = _report_failure(e, str(e))
+        if code is None:
+            raise
+        return code
     return 0
 
 

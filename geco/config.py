@@ -125,6 +125,10 @@ class DatasetConfig(_Strict):
     uri: str = "outputs/shards"  # local dir or s3://bucket/prefix for shards, manifest, failures
     samples_per_shard: int = Field(64, ge=1)  # objects per shard-NNNNNN.tar
     val_fraction: float = Field(0.02, ge=0, lt=1)  # validation split, by hash of the object id
+    # Training input: "stream" re-reads the shards every epoch (any size); "materialize" reads the
+    # train split once into Ray's object store (no read work competing with training after that);
+    # "auto" materializes when the split's shards take under a quarter of the object store.
+    training_input: Literal["auto", "stream", "materialize"] = "auto"
 
 
 class JobLimitsConfig(_Strict):

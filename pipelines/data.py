@@ -29,5 +29,16 @@ def read_shards(dataset_uri: str, split: str | None = "train"):
     fs = s3_filesystem() if storage.is_s3(dataset_uri) else None
     paths = [u[len("s3://"):] for u in uris] if fs is not None else uris
     ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, include_paths=True)
-    keep = manifest_filter(manifest, split)
+    if not any(s.get("superseded") for s in manifest["shards"] if split is None or s["split"] == split):
+        return ds  # no re-rendered objects in these shards (one split per shard): every row is current
+    keep = manifest_filter(manifest, split)  # re-rendered objects: drop the old copies (row by row)
     return ds.filter(lambda row: keep(row["__url__"] if "__url__" in row else row.get("path", ""), row["__key__"]))
+
+
+def filter_keys(ds, keys, *, keep: bool = True):
+    """``ds`` with only (``keep``) or without the rows whose ``__key__`` is in ``keys``, filtered
+    in Arrow (a Python row filter would copy every row's image bytes in and out of Python)."""
+    from ray.data.expressions import col
+
+    values = sorted(keys)
+    return ds.filter(expr=col("__key__").is_in(values) if keep else col("__key__").not_in(values))

@@ -105,7 +105,8 @@ def run(cfg: GecoConfig, *, parent_run_id: str | None = None, targets: list[str]
     def datasets(target: str) -> dict:
         # one Dataset per job: concurrent jobs never share an execution
         train_ds, val_ds, info = training_datasets(cfg.dataset.uri, holdout_fraction=cfg.pretrain.holdout_fraction,
-                                                   eval_objects=getattr(cfg.pretrain, target).eval_objects)
+                                                   eval_objects=getattr(cfg.pretrain, target).eval_objects,
+                                                   training_input=cfg.dataset.training_input)
         outputs.val_source, outputs.eval_keys = info.val_source, info.eval_keys
         return {"train": train_ds, "val": val_ds, "info": info}
 
@@ -117,7 +118,8 @@ def run(cfg: GecoConfig, *, parent_run_id: str | None = None, targets: list[str]
         outputs.mlflow_run_id = tracker.run_id
         tracker.log_params(cfg.model_dump(mode="json"))
         tracker.set_tags({"geco.dataset_uri": cfg.dataset.uri, "geco.pretrain.val_source": info.val_source,
-                          "geco.pretrain.eval_keys": ",".join(info.eval_keys)})
+                          "geco.pretrain.eval_keys": ",".join(info.eval_keys),
+                          "geco.training_input": "materialized" if info.materialized else "streamed"})
         tracker.log_metrics({"train_objects": info.train_objects, "val_objects": info.val_objects})
 
         def train(target: str) -> TrainResult:

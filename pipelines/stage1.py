@@ -86,7 +86,7 @@ def run(cfg: GecoConfig, parent_run_id: str | None = None) -> Stage1Outputs:
     # the dataset, the cluster's CPUs/GPUs and the output folders, before any run is opened
     preflight(cfg, ["stage1.train"], dataset_uri=cfg.dataset.uri, output_uri=out_uri)
     train_ds, val_ds, info = training_datasets(cfg.dataset.uri, holdout_fraction=s1.holdout_fraction,
-                                               eval_objects=s1.train.eval_objects)
+                                               eval_objects=s1.train.eval_objects, training_input=cfg.dataset.training_input)
     outputs.val_source, outputs.eval_keys = info.val_source, info.eval_keys
     fsdp = s1.fsdp and s1.train.num_workers > 1
 
@@ -97,7 +97,8 @@ def run(cfg: GecoConfig, parent_run_id: str | None = None) -> Stage1Outputs:
         tracker.set_tags({"geco.dataset_uri": cfg.dataset.uri, "geco.teacher_uri": outputs.teacher_uri or "tiny random",
                           "geco.reconstructor_uri": outputs.reconstructor_uri or "tiny random",
                           "geco.stage1.val_source": info.val_source, "geco.stage1.eval_keys": ",".join(info.eval_keys),
-                          "geco.stage1.parallel": "fsdp" if fsdp else "ddp"})
+                          "geco.stage1.parallel": "fsdp" if fsdp else "ddp",
+                          "geco.training_input": "materialized" if info.materialized else "streamed"})
         tracker.log_metrics({"train_objects": info.train_objects, "val_objects": info.val_objects})
         result = run_training(VSDTask, cfg, "stage1.train", stage=STAGE, datasets={"train": train_ds, "val": val_ds},
                               output_uri=out_uri, tracker=tracker, log_weights=False,
