@@ -73,6 +73,11 @@ def _run_main(args) -> int:
         if code is None:
             raise
         return code
+    except Exception as e:  # before any stage ran (e.g. the cluster cannot run a training job)
+        code = _report_failure(e, str(e))
+        if code is None:
+            raise
+        return code
 
 
 def _report_failure(err: BaseException, message: str) -> int | None:

@@ -197,14 +197,29 @@ def parse_stages(stages: list[str] | str | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------
+def _check_cluster(cfg: GecoConfig, todo: list[str]) -> None:
+    """Before any stage runs: the cluster can run every training job the DAG will start (otherwise
+    a cluster without GPUs would render first and fail only at pretrain)."""
+    from pipelines import pretrain
+    from pipelines.train_common import check_cluster
+
+    if "pretrain" in todo:
+        targets, _ = pretrain.plan(cfg)
+        check_cluster(cfg, [f"pretrain.{t}" for t in targets], concurrent=cfg.pretrain.concurrent)
+    if "stage1" in todo:
+        check_cluster(cfg, ["stage1.train"])
+
+
 def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
         progress: Callable[[str], None] | None = None) -> DagOutputs:
     """Run ``stages`` (default: all, in DAG order) under one MLflow parent run ``<cfg.name>/dag``.
 
     ``progress``, when given, receives each stage's own summary as it finishes (the CLI prints it).
-    Raises :class:`ConfigError` for an unknown stage name (before any work) and :class:`StageFailed`
-    when a stage fails (the parent run is then marked FAILED)."""
+    Raises :class:`ConfigError` for an unknown stage name and :class:`TrainSetupError` when the Ray
+    cluster cannot run a training job the DAG would start (both before any work), and
+    :class:`StageFailed` when a stage fails (the parent run is then marked FAILED)."""
     todo = parse_stages(stages)
+    _check_cluster(cfg, todo)
     t0 = time.perf_counter()
     outputs = DagOutputs(name=cfg.name)
     with start_run(cfg.tracking, run_name=f"{cfg.name}/dag", tags={"geco.stage": "dag"}) as tracker:

@@ -362,6 +362,16 @@ def check_resources(cfg: GecoConfig, job_path: str, *, concurrent_cpus: float = 
         f"nodes: {per_node}); lower {job_path}.num_workers or the per-worker resources, or {hint}")
 
 
+def check_cluster(cfg: GecoConfig, job_paths: list[str], *, concurrent: bool = False) -> None:
+    """Join Ray (``cfg.ray.address``) and :func:`check_resources` for every job; ``concurrent``:
+    the jobs run side by side, so each must fit beside the others' workers."""
+    init_ray(cfg.ray.address)
+    jobs = {path: section(cfg, path) for path in job_paths}
+    for path in job_paths:
+        others = sum(j.num_workers * j.cpus_per_worker for p, j in jobs.items() if p != path) if concurrent else 0.0
+        check_resources(cfg, path, concurrent_cpus=others)
+
+
 def preflight(cfg: GecoConfig, job_paths: list[str], *, dataset_uri: str, output_uri: str,
               concurrent: bool = False) -> dict:
     """Everything checked before a training stage opens an MLflow run or starts a Ray Train job, each
@@ -371,11 +381,7 @@ def preflight(cfg: GecoConfig, job_paths: list[str], *, dataset_uri: str, output
     every job's ``storage_path`` can be written (local folders are created by that check, and only
     then). Returns the manifest."""
     manifest = check_dataset(dataset_uri)
-    init_ray(cfg.ray.address)
-    jobs = {path: section(cfg, path) for path in job_paths}
-    for path in job_paths:
-        others = sum(j.num_workers * j.cpus_per_worker for p, j in jobs.items() if p != path) if concurrent else 0.0
-        check_resources(cfg, path, concurrent_cpus=others)
+    check_cluster(cfg, job_paths, concurrent=concurrent)
     storage.check_writable(output_uri)
     for path in job_paths:
         storage.check_writable(section(cfg, path).storage_path)

@@ -115,6 +115,18 @@ def test_gpu_asked_for_on_a_cluster_without_one(capsys, setup, ray_local, stage)
     assert_nothing_written(written)
 
 
+@pytest.mark.parametrize("job", ["stage1.train", "pretrain.reconstructor"])
+def test_dag_checks_every_training_job_before_rendering(capsys, setup, ray_local, job):
+    """`geco run` on a cluster without GPUs fails before its first stage: nothing rendered, no run."""
+    cfg_file, data, written = setup
+    shards_before = sorted(p.name for p in Path(data).iterdir())
+    rc, err = run_cli(capsys, "run", "--config", str(cfg_file), "--set", f"{job}.use_gpu=true")
+    assert rc == 2, err
+    assert f"{job}.use_gpu=true asks for 1 GPU(s)" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in Path(data).iterdir()) == shards_before
+    assert_nothing_written(written)
+
+
 @pytest.mark.parametrize("stage", ["stage1", "pretrain"])
 def test_more_cpus_than_the_cluster_has(capsys, setup, ray_local, stage):
     cfg_file, _, written = setup
