@@ -753,7 +753,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from geco.train.checkpoint import DataPosition, load_checkpoint
-    from geco.train.loop import WorkerContext, effective_precision
+    from geco.train.loop import StepPlan, WorkerContext, effective_precision
 
     t_start = time.perf_counter()
     cfg = GecoConfig.model_validate_json(config["cfg_json"])
@@ -833,7 +833,9 @@ def train_loop_per_worker(config: dict) -> None:
         t_wait = time.perf_counter()
         micro = loader.next()
         data_wait += time.perf_counter() - t_wait
-        metrics = task.train_step(micro, step)
+        plan = StepPlan.after(step + 1, steps=job.steps, checkpoint_every=job.checkpoint_every,
+                              eval_every=job.eval_every if val_batch is not None else 0)
+        metrics = task.train_step(micro, step, plan)
         step += 1
         progress.update(1)
         rows_since += job.batch_size * job.grad_accumulation

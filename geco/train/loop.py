@@ -223,6 +223,23 @@ class WorkerContext:
         return self.wrap(module) if self.wrap is not None else module.to(self.device)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What the glue will do right after an optimiser step, passed into :meth:`TrainTask.train_step`
+    so a task never mirrors the glue's schedule (e.g. FSDP gathers full state only before a
+    checkpoint or an evaluation)."""
+
+    checkpoint: bool = False  # a checkpoint is saved after this step
+    evaluate: bool = False  # rank 0 evaluates after this step
+
+    @classmethod
+    def after(cls, step_after: int, *, steps: int, checkpoint_every: int, eval_every: int) -> "StepPlan":
+        """The plan for the step that ends at ``step_after`` steps, under a job's schedule."""
+        last = step_after == steps
+        return cls(checkpoint=last or step_after % checkpoint_every == 0,
+                   evaluate=last or bool(eval_every and step_after % eval_every == 0))
+
+
 @dataclass
 class EvalResult:
     """Scalar metrics (logged under ``eval/``) and images (HxWx3 uint8, logged as artifacts)."""
@@ -238,7 +255,7 @@ class TrainTask:
     Life cycle on a worker: ``__init__(cfg, job, ctx)`` builds models, optimisers and schedulers
     (random init, seeded); the glue loads the latest checkpoint into :meth:`modules`,
     :meth:`optimizers`, :meth:`schedulers` and :meth:`load_extra_state`; then per optimiser step
-    ``train_step([prepare(rows) for each micro-batch], step)``; every ``eval_every`` steps rank 0
+    ``train_step([prepare(rows) for each micro-batch], step, plan)``; every ``eval_every`` steps rank 0
     calls ``evaluate(prepare(val_rows), step)``; at the end rank 0 calls ``export(uri)``."""
 
     name: str = "task"
@@ -279,9 +296,9 @@ class TrainTask:
         (``training=False``: the evaluation batch, e.g. every view instead of a random subset)."""
         raise NotImplementedError
 
-    def train_step(self, micro_batches: list[Any], step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[Any], step: int, plan: StepPlan = StepPlan()) -> dict[str, float]:
         """One optimiser step over ``micro_batches`` (gradient accumulation); returns scalar metrics
-        (at least ``loss`` and ``lr``)."""
+        (at least ``loss`` and ``lr``). ``plan``: whether the glue checkpoints / evaluates after it."""
         raise NotImplementedError
 
     def evaluate(self, batch: Any, step: int) -> EvalResult:

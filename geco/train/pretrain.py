@@ -38,6 +38,7 @@ from geco.data.schema import decode_sample
 from geco.train.loop import (
     EvalResult,
     GradientStep,
+    StepPlan,
     TrainTask,
     WorkerContext,
     config_hash,
@@ -184,7 +185,7 @@ class TeacherPretrainTask(TrainTask):
         dev = self.ctx.device
         return {"keys": [s["key"] for s in samples], "cond": cond.to(dev), "grid": grid_from_views(views).to(dev)}
 
-    def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict], step: int, plan: StepPlan = StepPlan()) -> dict[str, float]:
         sums: dict[str, float] = {}
         for i, mb in enumerate(micro_batches):
             with self.stepper.micro(self.model, i):
@@ -338,7 +339,7 @@ class ReconstructorPretrainTask(TrainTask):
     def _inputs(b: dict) -> tuple:
         return b["images"], b["Ks"], b["c2w"], b["sup_rgb"], b["sup_alpha"], b["sup_K"], b["sup_w2c"]
 
-    def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict], step: int, plan: StepPlan = StepPlan()) -> dict[str, float]:
         sums: dict[str, float] = {}
         for i, mb in enumerate(micro_batches):
             with self.stepper.micro(self.model, i):

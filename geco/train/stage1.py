@@ -68,6 +68,7 @@ from geco.data.schema import decode_sample
 from geco.train.loop import (
     EvalResult,
     GradientStep,
+    StepPlan,
     TrainTask,
     WorkerContext,
     config_hash,
@@ -536,15 +537,7 @@ class VSDTask(TrainTask):
         images = teacher.decode_latents(torch.cat(lats).to(dev))
         return torch.cat(zs).to(dev), images
 
-    def _will_report(self, step_after: int) -> tuple[bool, bool]:
-        """(checkpoint, evaluation) after the glue's step ``step_after``, as train_common decides them."""
-        job = self.job
-        last = step_after == job.steps
-        ckpt = step_after % job.checkpoint_every == 0 or last
-        ev = last or bool(job.eval_every and step_after % job.eval_every == 0)
-        return ckpt, ev
-
-    def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict], step: int, plan: StepPlan = StepPlan()) -> dict[str, float]:
         from geco.distill.vsd import sample_timesteps
 
         s, teacher, job = self.s1, self.teacher, self.job
@@ -603,7 +596,7 @@ class VSDTask(TrainTask):
         if self.fsdp or self.fake_fsdp:
             for view in self._fsdp_views():
                 view.stale = True
-            ckpt, ev = self._will_report(step + 1)
+            ckpt, ev = plan.checkpoint, plan.evaluate
             if self.fsdp and (ckpt or ev):
                 state = self._gen_state.gather()
                 if ckpt:

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from geco.config import load_config
 from geco.train.checkpoint import load_checkpoint, save_checkpoint
-from geco.train.loop import WorkerContext
+from geco.train.loop import StepPlan, WorkerContext
 
 TINY = [
     "models.teacher.tile_size=16", "models.teacher.cond_size=16", "models.teacher.tiny_block_out_channels=[16,32]",
@@ -211,7 +211,8 @@ def test_fsdp_path_matches_plain_training_and_checkpoints_full_state(tmp_path, m
     a = task.train_step([task.prepare(rows)], 0)
     b = plain.train_step([plain.prepare(rows)], 0)
     assert a["loss_vsd"] == pytest.approx(b["loss_vsd"], rel=1e-5) and a["loss_fake"] == pytest.approx(b["loss_fake"], rel=1e-5)
-    task.train_step([task.prepare(rows)], 1)  # step 2: the glue checkpoints and evaluates -> gathered
+    gather = StepPlan(checkpoint=True, evaluate=True)
+    task.train_step([task.prepare(rows)], 1, gather)  # step 2: the glue checkpoints and evaluates -> gathered
     plain.train_step([plain.prepare(rows)], 1)
     full = task.modules()["generator"].state_dict()
     for k, v in plain.generator.unet.state_dict().items():
@@ -233,7 +234,7 @@ def test_fsdp_path_matches_plain_training_and_checkpoints_full_state(tmp_path, m
     assert s1["loss_vsd"] == pytest.approx(s2["loss_vsd"], rel=1e-6)
     with pytest.raises(RuntimeError, match="not gathered"):  # step 3: no checkpoint there, no stale weights either
         task.modules()["generator"].state_dict()
-    task.train_step([task.prepare(rows)], 3)  # the last step: gathered for the export
+    task.train_step([task.prepare(rows)], 3, gather)  # the last step: gathered for the export
     out = task.export(str(tmp_path / "out"))
     from geco.models.generator import load_generator
 
