@@ -7,7 +7,8 @@ What it does (UPSTREAM.md, "Zero123++"):
   token: ``hidden = text + image_embeds[:, None, :] * ramp[:, None]``.
 * **Local condition: reference attention.** ``cond_lat`` (VAE posterior of the condition image
   normalised with (x-0.5)/0.8, *not* multiplied by the scaling factor) is noised to the sample's
-  timestep (or to ``cond_timestep``; 0 = the clean latent) and run through the same UNet with the same
+  timestep, t = 0 included (or to ``cond_timestep``; only an explicit ``cond_timestep=CLEAN_REFERENCE``
+  means the clean latent, the one-step generator's convention) and run through the same UNet with the same
   encoder states; every self-attention (``attn1``) stores its post-norm input tokens ("write"); then
   the UNet runs on the sample and every ``attn1`` attends to ``[own tokens, stored tokens]`` as the
   key/value source, with queries from the sample only ("read"). Implemented by
@@ -41,8 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from geco import storage
@@ -64,7 +67,11 @@ NUM_VIEWS = GRID_ROWS * GRID_COLS
 NUM_TRAIN_TIMESTEPS = 1000
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_RESAMPLE, VAE_RESAMPLE = 3, 2  # PIL filters of the published preprocessor configs: bicubic, bilinear
 TEXT_LENGTH = 77  # CLIP text positions = number of ramping coefficients
+# predict_v(..., cond_timestep=CLEAN_REFERENCE): the reference pass sees the clean condition latent
+# (at UNet timestep 0). A sampler's t = 0 is not this: Zero123++ noises the reference there too.
+CLEAN_REFERENCE = 0
 
 # The scheduler Zero123++ ships (v-prediction, linear betas) and the extra keys its config carries.
 ZERO123PP_SCHEDULER: dict[str, Any] = {
@@ -328,12 +335,16 @@ class Condition:
 
 @dataclass(frozen=True)
 class ImagePreprocess:
-    """What a ``CLIPImageProcessor`` config says: resize the shortest edge, centre-crop, normalise."""
+    """What a ``CLIPImageProcessor`` config says, done as transformers' PIL processor does it: resize
+    the shortest edge to ``size`` (the other edge ``int(size * long / short)``) with PIL's ``resample``
+    filter on uint8, centre-crop, rescale to [0, 1], normalise. Zero123++ ships bicubic (3) for CLIP
+    and bilinear (2) for the VAE input."""
 
     size: int  # shortest edge after resizing
     crop: tuple[int, int]  # (height, width) of the centre crop
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resample: int = 3  # PIL.Image.Resampling code: 2 bilinear, 3 bicubic (CLIPImageProcessor's default)
 
     @classmethod
     def from_config(cls, cfg: dict, where: str) -> "ImagePreprocess":
@@ -364,7 +375,11 @@ class ImagePreprocess:
             crop_hw = (size, size)
         mean = triple(cfg.get("image_mean", 0.0), "image_mean") if cfg.get("do_normalize", True) else (0.0,) * 3
         std = triple(cfg.get("image_std", 1.0), "image_std") if cfg.get("do_normalize", True) else (1.0,) * 3
-        return cls(size, crop_hw, mean, std)
+        resample = cfg.get("resample", 3)
+        if resample not in _PIL_FILTERS:
+            raise TeacherFolderError(f"{where}: resample={resample!r} is not a PIL filter code "
+                                     f"({', '.join(f'{k} {v}' for k, v in _PIL_FILTERS.items())})")
+        return cls(size, crop_hw, mean, std, int(resample))
 
     def to_config(self, scalar_stats: bool = False) -> dict:
         """A ``preprocessor_config.json`` in the upstream (CLIPImageProcessor) format."""
@@ -383,30 +398,45 @@ class ImagePreprocess:
             "image_mean": mean,
             "image_processor_type": "CLIPImageProcessor",
             "image_std": std,
-            "resample": 3,
+            "resample": self.resample,
             "rescale_factor": 1 / 255,
             "size": {"shortest_edge": self.size},
         }
 
+    def resized_hw(self, h: int, w: int) -> tuple[int, int]:
+        """(height, width) after resizing the shortest edge to ``size`` (transformers' rule)."""
+        if w <= h:
+            return int(self.size * h / w), self.size
+        return self.size, int(self.size * w / h)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images in [0, 1], [B, 3, H, W] -> normalised [B, 3, crop_h, crop_w] (bicubic,
-        antialiased; CLIPImageProcessor does the same with PIL on uint8)."""
+        """Float images in [0, 1], [B, 3, H, W] -> normalised [B, 3, crop_h, crop_w]. Images that need
+        resizing go through PIL on uint8 (rounded), like the upstream pipeline's PIL input; images
+        already at the size stay float and on their device (not differentiable through a resize)."""
         _, _, h, w = images.shape
-        if min(h, w) != self.size:
-            s = self.size / min(h, w)
-            nh, nw = max(self.size, round(h * s)), max(self.size, round(w * s))
-            images = F.interpolate(images, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-            images = images.clamp(0, 1)
-        _, _, h, w = images.shape
+        nh, nw = self.resized_hw(h, w)
+        if (nh, nw) != (h, w):
+            images = _pil_resize(images, (nh, nw), self.resample)
         ch, cw = self.crop
-        if (h, w) != (ch, cw):
-            if h < ch or w < cw:
-                raise ValueError(f"image {h}x{w} is smaller than the crop {ch}x{cw}")
-            top, left = (h - ch) // 2, (w - cw) // 2
+        if (nh, nw) != (ch, cw):
+            if nh < ch or nw < cw:
+                raise ValueError(f"image {nh}x{nw} is smaller than the crop {ch}x{cw}")
+            top, left = (nh - ch) // 2, (nw - cw) // 2
             images = images[:, :, top:top + ch, left:left + cw]
         mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
         std = images.new_tensor(self.std).view(1, 3, 1, 1)
         return (images - mean) / std
+
+
+_PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _pil_resize(images: torch.Tensor, hw: tuple[int, int], resample: int) -> torch.Tensor:
+    """[B, 3, H, W] floats in [0, 1] -> [B, 3, h, w]: rounded to uint8, resized by PIL with ``resample``,
+    back to [0, 1] floats on the input's device."""
+    u8 = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    out = [np.asarray(Image.fromarray(a).resize((hw[1], hw[0]), resample=Image.Resampling(resample))) for a in u8]
+    return torch.from_numpy(np.stack(out)).to(images.device).permute(0, 3, 1, 2).float() / 255
 
 
 # ================================================================================================
@@ -519,11 +549,22 @@ class Zero123PlusTeacher(nn.Module):
         return t.float()
 
     def alpha_sigma(self, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sqrt(abar_t), sqrt(1 - abar_t)) broadcastable against ``like`` ([B, ...])."""
-        t = self._timesteps(t, like.shape[0])
-        idx = t.round().long().clamp(0, self.num_train_timesteps - 1)
-        abar = self.alphas_cumprod[idx].view(-1, *([1] * (like.ndim - 1)))
-        return abar.sqrt().to(like.dtype), (1 - abar).sqrt().to(like.dtype)
+        """(alpha_t, sigma_t) broadcastable against ``like`` ([B, ...]): (sqrt(abar_t), sqrt(1 - abar_t))
+        at integer t. A fractional t (Euler with "linspace" spacing gives t = 749.25) takes the noise
+        level Euler-ancestral uses there: its sigma ``sqrt((1 - abar) / abar)`` interpolated linearly
+        between the neighbouring integer timesteps, then alpha = 1 / sqrt(1 + sigma^2) and sigma_t =
+        sigma * alpha (computed in float64)."""
+        t = self._timesteps(t, like.shape[0]).double().clamp(0, self.num_train_timesteps - 1)
+        lo = t.floor()
+        w = t - lo
+        abar = self.alphas_cumprod.double()
+        edm_sigma = ((1 - abar) / abar).sqrt()  # Euler's sigma per integer timestep
+        lo_i = lo.long()
+        hi_i = (lo_i + 1).clamp(max=self.num_train_timesteps - 1)
+        sig = (1 - w) * edm_sigma[lo_i] + w * edm_sigma[hi_i]
+        alpha = (1 + sig * sig).rsqrt()
+        shape = (-1, *([1] * (like.ndim - 1)))
+        return alpha.view(shape).to(like.dtype), (sig * alpha).view(shape).to(like.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         a, s = self.alpha_sigma(t, x0)
@@ -602,13 +643,12 @@ class Zero123PlusTeacher(nn.Module):
             uncond_lat = gpost.mode().float().expand(b, -1, -1, -1).clone()
         return Condition(hidden, cond_lat, text.clone(), uncond_lat)
 
-    def noise_condition(self, cond_lat: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The reference latent at timestep ``t``: ``alpha_t * cond_lat + sigma_t * noise``; where
-        ``t == 0`` the clean latent itself."""
+    def noise_condition(self, cond_lat: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """The reference latent at timestep ``t``: ``alpha_t * cond_lat + sigma_t * noise``, at every
+        timestep, 0 included (sigma_0 ~ 0.029), as Zero123++'s ``scheduler.add_noise`` followed by
+        ``scale_model_input`` gives it. The clean latent is not a timestep: see ``predict_v``'s
+        ``cond_timestep=CLEAN_REFERENCE``."""
         a, s = self.alpha_sigma(t, cond_lat)
-        clean = (t == 0).view(-1, *([1] * (cond_lat.ndim - 1)))
-        a = torch.where(clean, torch.ones_like(a), a)
-        s = torch.where(clean, torch.zeros_like(s), s)
         return a * cond_lat + s * noise.to(cond_lat.dtype)
 
     # -- the UNet ------------------------------------------------------------------------------
@@ -617,9 +657,11 @@ class Zero123PlusTeacher(nn.Module):
                   unet: "UNet2DConditionModel | None" = None, use_reference: bool = True) -> torch.Tensor:
         """v-prediction for ``x_t`` (what the UNet sees, [B, 4, h, w]) at timestep ``t`` (scalar or [B]).
 
-        The reference pass noises ``cond.cond_lat`` to ``cond_timestep`` (default: ``t``, as Zero123++
-        does; 0 = the clean latent, as the one-step generator uses) with ``cond_noise`` (default: fresh
-        noise from ``generator``). ``guidance_scale != 1`` runs batched CFG:
+        The reference pass noises ``cond.cond_lat`` with ``cond_noise`` (default: fresh noise from
+        ``generator``) to the sample's timestep ``t`` (``cond_timestep=None``, as Zero123++ does, at
+        t = 0 too) or to ``cond_timestep``. ``cond_timestep=CLEAN_REFERENCE`` (0) asks for the clean
+        latent instead, run at UNet timestep 0 (the one-step generator's convention, DESIGN.md); only
+        this explicit request skips the noise. ``guidance_scale != 1`` runs batched CFG:
         ``v_u + s * (v_c - v_u)``, both halves with reference attention; ``cond_noise`` may then be [B]
         (shared by both halves) or [2B] (unconditional half first). ``unet`` overrides ``self.unet``
         (a generator or fake-score copy: same conditioning, other weights). ``use_reference=False``
@@ -628,6 +670,8 @@ class Zero123PlusTeacher(nn.Module):
         b = x_t.shape[0]
         t = self._timesteps(t, b)
         tc = t if cond_timestep is None else self._timesteps(cond_timestep, b)
+        # the caller's explicit cond_timestep == CLEAN_REFERENCE: the clean latent (never a sampler's t)
+        clean = None if cond_timestep is None else tc == CLEAN_REFERENCE
         cond = cond.expand(b).to(self.device)
         cfg = guidance_scale != 1.0
         if cfg:
@@ -636,6 +680,7 @@ class Zero123PlusTeacher(nn.Module):
             hidden = torch.cat([cond.uncond_hidden_states, cond.encoder_hidden_states])
             lat = torch.cat([cond.uncond_lat, cond.cond_lat])
             x, t, tc = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([tc, tc])
+            clean = None if clean is None else torch.cat([clean, clean])
         else:
             hidden, lat, x = cond.encoder_hidden_states, cond.cond_lat, x_t
         n = x.shape[0]
@@ -649,6 +694,8 @@ class Zero123PlusTeacher(nn.Module):
                 raise ValueError(f"cond_noise {tuple(cond_noise.shape)} does not match the condition latents "
                                  f"{tuple(lat.shape)}")
             reference = self.noise_condition(lat.float(), tc, cond_noise.to(self.device))
+            if clean is not None:
+                reference = torch.where(clean.view(-1, 1, 1, 1), lat.float(), reference)
         dtype = unet.dtype
         v = unet_forward_with_reference(
             unet, x.to(dtype), t, hidden.to(dtype),
@@ -822,8 +869,9 @@ def build_tiny_teacher(cfg: TeacherConfig, seed: int = 0) -> Zero123PlusTeacher:
         text_encoder.eval()
         text_states = encode_empty_prompt(text_encoder, tokenizer)
         ramp = torch.linspace(0.0, 1.0, TEXT_LENGTH).tolist()
-    clip_pre = ImagePreprocess(img, (img, img), CLIP_MEAN, CLIP_STD)
-    vae_pre = ImagePreprocess(cfg.cond_size, (cfg.cond_size, cfg.cond_size), (IMAGE_MEAN,) * 3, (IMAGE_STD,) * 3)
+    clip_pre = ImagePreprocess(img, (img, img), CLIP_MEAN, CLIP_STD, resample=CLIP_RESAMPLE)
+    vae_pre = ImagePreprocess(cfg.cond_size, (cfg.cond_size, cfg.cond_size), (IMAGE_MEAN,) * 3, (IMAGE_STD,) * 3,
+                              resample=VAE_RESAMPLE)
     teacher = Zero123PlusTeacher(cfg=cfg, unet=unet, vae=vae, scheduler=scheduler, vision_encoder=vision_encoder,
                                  text_states=text_states, ramping_coefficients=ramp, clip_preprocess=clip_pre,
                                  vae_preprocess=vae_pre, text_encoder=text_encoder, tokenizer=tokenizer)
@@ -1023,7 +1071,7 @@ def load_teacher(cfg: TeacherConfig, cache_dir: str | os.PathLike | None = None)
     if vae_pre.crop != (cfg.cond_size, cfg.cond_size):
         log.info("teacher: condition images enter the VAE at %dpx (config cond_size) instead of the folder's %s",
                  cfg.cond_size, vae_pre.crop)
-    vae_pre = ImagePreprocess(cfg.cond_size, (cfg.cond_size, cfg.cond_size), vae_pre.mean, vae_pre.std)
+    vae_pre = ImagePreprocess(cfg.cond_size, (cfg.cond_size, cfg.cond_size), vae_pre.mean, vae_pre.std, vae_pre.resample)
     text_encoder.eval()
     text_states = encode_empty_prompt(text_encoder, tokenizer)
     if len(ramp) != text_states.shape[1]:

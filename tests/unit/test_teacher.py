@@ -152,6 +152,41 @@ def test_v_helpers_match_the_schedule(teacher):
     torch.testing.assert_close(teacher.v_to_eps(x_t, t, v), eps, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["clip", "vae"])
+def test_image_preprocess_matches_transformers_pil_processor(which):
+    """The published feature extractors' configs (bicubic for CLIP, bilinear for the VAE input), run
+    by transformers' PIL CLIPImageProcessor on uint8 images, and by ImagePreprocess on the same
+    images as floats: condition images smaller, larger and non-square."""
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from geco.models.teacher import ImagePreprocess
+
+    side = 224 if which == "clip" else 64
+    config = {"crop_size": {"height": side, "width": side}, "do_center_crop": True, "do_convert_rgb": True,
+              "do_normalize": True, "do_rescale": True, "do_resize": True,
+              "image_mean": list(CLIP_MEAN) if which == "clip" else 0.5,
+              "image_std": list(CLIP_STD) if which == "clip" else 0.8,
+              "resample": 3 if which == "clip" else 2, "rescale_factor": 0.00392156862745098,
+              "size": {"shortest_edge": side}}
+    pre = ImagePreprocess.from_config(config, "preprocessor_config.json")
+    assert pre.resample == config["resample"] and pre.to_config()["resample"] == config["resample"]
+    upstream = CLIPImageProcessorPil(**config)
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((320, 320), (50, 37), (300, 401), (side, side)):
+        u8 = torch.randint(0, 256, (2, h, w, 3), generator=g, dtype=torch.uint8)
+        expected = upstream([Image.fromarray(a.numpy()) for a in u8], return_tensors="pt").pixel_values
+        ours = pre(u8.permute(0, 3, 1, 2).float() / 255)
+        assert ours.shape == expected.shape == (2, 3, side, side)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_loaded_teacher_keeps_the_folders_filters(upstream_folder):
+    t = load_teacher(TeacherConfig(pretrained=str(upstream_folder), tile_size=TILE, cond_size=2 * TILE))
+    assert (t.clip_preprocess.resample, t.vae_preprocess.resample) == (3, 2)  # bicubic, bilinear
+    assert t.vae_preprocess.crop == (2 * TILE, 2 * TILE)  # cond_size overrides the size, not the filter
+
+
 # ------------------------------------------------------------------------------------------------
 # reference attention
 # ------------------------------------------------------------------------------------------------
@@ -206,12 +241,25 @@ def test_queries_from_sample_keys_from_sample_and_reference(teacher):
     assert seen["k"] == [n_ref, n_sample + n_ref]
 
 
+def _diffusers_reference(lat, noise, t, num_steps, spacing="linspace"):
+    """The reference latent as Zero123++'s RefOnlyNoisedUNet builds it at inference: the pipeline's
+    Euler-ancestral scheduler's add_noise at t, then scale_model_input (diffusers' own math)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from geco.models.teacher import ZERO123PP_SCHEDULER
+
+    sched = EulerAncestralDiscreteScheduler(**{**ZERO123PP_SCHEDULER, "timestep_spacing": spacing})
+    sched.set_timesteps(num_steps)
+    t = torch.as_tensor(t, dtype=sched.timesteps.dtype)
+    assert t in sched.timesteps, (t, sched.timesteps)
+    return sched.scale_model_input(sched.add_noise(lat, noise, t.reshape(1)), t), sched
+
+
 def test_reference_noise_level_and_clean_condition_timestep(teacher, cond):
     lat, n = cond.cond_lat, torch.randn(cond.cond_lat.shape, generator=_gen(7))
     t = torch.tensor([0.0, 600.0])
     ref = teacher.noise_condition(lat, t, n)
-    torch.testing.assert_close(ref[0], lat[0])  # timestep 0: the clean latent
-    torch.testing.assert_close(ref[1:], teacher.add_noise(lat[1:], n[1:], t[1:]))
+    torch.testing.assert_close(ref, teacher.add_noise(lat, n, t))  # every timestep is noised, 0 included
     x = _noisy(teacher)
     with torch.no_grad():
         # generator convention: reference at t=0 -> the condition noise does not matter
@@ -222,6 +270,44 @@ def test_reference_noise_level_and_clean_condition_timestep(teacher, cond):
         c = teacher.predict_v(x, 950, cond, cond_noise=n)
         d = teacher.predict_v(x, 950, cond, cond_noise=torch.randn_like(n))
     assert (c - d).abs().max() > 1e-5 and (a - c).abs().max() > 1e-5
+
+
+def test_sampler_timestep_zero_noises_the_reference_like_upstream(teacher, cond):
+    """Euler with "linspace" spacing ends at t = 0: upstream noises the reference there too
+    (sigma_0 = sqrt((1 - abar_0) / abar_0) ~ 0.029); only an explicit cond_timestep=0 means clean."""
+    from geco.models.teacher import CLEAN_REFERENCE, unet_forward_with_reference
+
+    lat, n = cond.cond_lat, torch.randn(cond.cond_lat.shape, generator=_gen(7))
+    expected, sched = _diffusers_reference(lat, n, 0.0, num_steps=5)
+    assert abs(float(sched.sigmas[-2]) - 0.0292) < 1e-3  # sigma at t = 0 (the last step)
+    torch.testing.assert_close(teacher.noise_condition(lat, torch.zeros(2), n), expected, atol=1e-6, rtol=1e-5)
+    x, zero = _noisy(teacher), torch.zeros(2)
+    with torch.no_grad():
+        v = teacher.predict_v(x, zero, cond, cond_noise=n)
+        torch.testing.assert_close(v, unet_forward_with_reference(teacher.unet, x, zero, cond.encoder_hidden_states,
+                                                                  expected, zero), atol=1e-5, rtol=1e-4)
+        clean = teacher.predict_v(x, zero, cond, cond_timestep=CLEAN_REFERENCE, cond_noise=n)
+        torch.testing.assert_close(clean, unet_forward_with_reference(teacher.unet, x, zero, cond.encoder_hidden_states,
+                                                                      lat, zero), atol=1e-5, rtol=1e-4)
+    assert (v - clean).abs().max() > 1e-5
+
+
+def test_fractional_timesteps_take_eulers_interpolated_sigma(teacher, cond):
+    """Euler with "linspace" spacing visits t = 749.25, 499.5, 249.75: the noise level there is its
+    sigma interpolated between integer timesteps, not the nearest integer's."""
+    lat, n = cond.cond_lat, torch.randn(cond.cond_lat.shape, generator=_gen(7))
+    for t in (749.25, 499.5, 249.75):
+        expected, sched = _diffusers_reference(lat, n, t, num_steps=5)
+        sigma = float(sched.sigmas[list(sched.timesteps).index(t)])
+        a, s = teacher.alpha_sigma(t, lat)
+        torch.testing.assert_close(a.flatten(), torch.full((2,), (1 + sigma ** 2) ** -0.5), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(s.flatten(), torch.full((2,), sigma * (1 + sigma ** 2) ** -0.5), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(teacher.noise_condition(lat, t, n), expected, atol=1e-6, rtol=1e-5)
+    # integer timesteps: sqrt(abar_t), sqrt(1 - abar_t) as before
+    abar = teacher.alphas_cumprod[torch.tensor([0, 749, 999])].double()
+    a, s = teacher.alpha_sigma(torch.tensor([0, 749, 999]), lat[:1].expand(3, -1, -1, -1))
+    torch.testing.assert_close(a.flatten(), abar.sqrt().float(), atol=0, rtol=1e-6)
+    torch.testing.assert_close(s.flatten(), (1 - abar).sqrt().float(), atol=0, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,7 +409,7 @@ def write_upstream_folder(t, root: Path) -> Path:
     without our saver: model_index.json with the custom pipeline's class entries, a stale
     _name_or_path and safety_checker [null, null]; encoders float16 with transformers-4.x key names
     (and the old position_ids buffers), UNet float32; the scheduler config's extra keys; the VAE
-    feature extractor's 0.5 / 0.8 as scalars."""
+    feature extractor's 0.5 / 0.8 as scalars and its bilinear filter (resample 2; CLIP's is bicubic, 3)."""
     _write_json(root / "model_index.json", {
         "_class_name": "Zero123PlusPipeline", "_diffusers_version": "0.20.2",
         "_name_or_path": "/home/user/zero123plus-v1.2-export",
@@ -385,7 +471,7 @@ def write_upstream_folder(t, root: Path) -> Path:
         "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)})
     _write_json(root / "feature_extractor_vae" / "preprocessor_config.json", {
         **common, "crop_size": {"height": TILE, "width": TILE}, "size": {"shortest_edge": TILE},
-        "image_mean": 0.5, "image_std": 0.8})
+        "image_mean": 0.5, "image_std": 0.8, "resample": 2})  # the published VAE extractor: bilinear
     return root
 
 
