@@ -6,7 +6,8 @@ Per input image (``<name>`` = the file's stem; ``_sK`` added when ``--num-sample
 using seed S + k), OUTDIR receives:
 
 * ``<name>[_sK].ply`` - the Gaussians as a standard 3DGS ``.ply`` (:func:`geco.export.save_ply`);
-* ``<name>[_sK]_views.png`` - the prepared input followed by the 6 generated views;
+* ``<name>[_sK]_views.png`` - the prepared input followed by the 6 generated views, labelled by
+  azimuth/elevation and scaled up to tiles of at least 128 px (:func:`geco.images.labeled_grid`);
 * ``<name>[_sK]_turntable.gif`` - the Gaussians rendered on an orbit (24 frames, elevation 20 deg,
   radius 1.5, FOV 49.1 deg, white background) with :func:`geco.render.splat.rasterize`;
 
@@ -45,6 +46,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from geco.cameras import zero123pp_cameras
+from geco.images import labeled_grid, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -367,13 +371,14 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 
 
 def views_image(result: Result) -> np.ndarray:
-    """The input (resized to a view's size) followed by the 6 views in one row."""
-    from geco.tracking import image_grid
-
+    """The input (resized to a view's size) followed by the 6 views in one labelled row, each view
+    named by its Zero123++ pose (azimuth relative to the input, elevation), scaled up to readable
+    tiles."""
     t = result.views.shape[-1]
     inp = F.interpolate(result.input_rgb[None], size=(t, t), mode="bilinear", antialias=True,
                         align_corners=False)[0]
-    return image_grid([_to_uint8(inp)] + [_to_uint8(v) for v in result.views], cols=7)
+    labels = ["input"] + [f"az {c.azimuth_deg:.0f}° el {c.elevation_deg:+.0f}°" for c in zero123pp_cameras(0.0)]
+    return labeled_grid([[to_uint8(inp)] + [to_uint8(v) for v in result.views]], labels)
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from geco.images import grid, resize_nearest, upscale_factor, upscale_nearest
+
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists become JSON strings)."""
@@ -137,18 +139,12 @@ def start_run(tracking_cfg, run_name: str, *, parent_run_id: str | None = None,
         yield Tracker(run)
 
 
-def image_grid(images: list[np.ndarray], cols: int, pad: int = 2, bg: int = 255) -> np.ndarray:
-    """Tile HxWx3 uint8 images (resized by nearest neighbour to the first's size) into a grid."""
+def image_grid(images: list[np.ndarray], cols: int, pad: int = 2, bg: int = 255, min_tile: int = 128) -> np.ndarray:
+    """Tile HxWx3 uint8 images (resized by nearest neighbour to the first's size) into a grid of
+    ``cols`` columns, scaled up by nearest neighbour to tiles of at least ``min_tile`` px (geco.images)."""
     if not images:
         return np.full((8, 8, 3), bg, np.uint8)
     h, w = images[0].shape[:2]
-    rows = (len(images) + cols - 1) // cols
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), bg, np.uint8)
-    for i, img in enumerate(images):
-        if img.shape[:2] != (h, w):
-            yi = (np.arange(h) * img.shape[0] / h).astype(int)
-            xi = (np.arange(w) * img.shape[1] / w).astype(int)
-            img = img[yi][:, xi]
-        r, c = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img[..., :3]
-    return grid
+    k = upscale_factor(images[:1], min_tile)
+    tiles = [upscale_nearest(resize_nearest(im, (h, w)), k) for im in images]
+    return grid([tiles[i:i + cols] for i in range(0, len(tiles), cols)], pad, bg, cols=cols)

@@ -166,30 +166,6 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return mean_psnr(pred, target)
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [0, 1] -> HxWx3 uint8."""
-    return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-
-
-def hstack_images(images: list[np.ndarray], pad: int = 2, bg: int = 255) -> np.ndarray:
-    """HxWx3 uint8 images side by side (top-aligned, padded to the tallest)."""
-    h = max(i.shape[0] for i in images)
-    w = sum(i.shape[1] for i in images) + pad * (len(images) + 1)
-    out = np.full((h + 2 * pad, w, 3), bg, np.uint8)
-    x = pad
-    for im in images:
-        out[pad:pad + im.shape[0], x:x + im.shape[1]] = im[..., :3]
-        x += im.shape[1] + pad
-    return out
-
-
-def vstack_images(images: list[np.ndarray], bg: int = 255) -> np.ndarray:
-    w = max(i.shape[1] for i in images)
-    rows = [np.concatenate([i, np.full((i.shape[0], w - i.shape[1], 3), bg, np.uint8)], 1) if i.shape[1] < w else i
-            for i in images]
-    return np.concatenate(rows, 0)
-
-
 def config_hash(*parts: Any) -> str:
     """A short, stable hash of JSON-able parts (pydantic models are dumped first)."""
     def plain(p):

@@ -35,6 +35,7 @@ from torch import nn
 
 from geco import storage
 from geco.data.schema import decode_sample
+from geco.images import grid, labeled_grid, to_uint8
 from geco.train.loop import (
     EvalResult,
     GradientStep,
@@ -42,12 +43,9 @@ from geco.train.loop import (
     TrainTask,
     WorkerContext,
     config_hash,
-    hstack_images,
     make_adamw,
     make_lr_scheduler,
     psnr,
-    to_uint8,
-    vstack_images,
 )
 
 log = logging.getLogger(__name__)
@@ -218,8 +216,8 @@ class TeacherPretrainTask(TrainTask):
         rows = []
         for i in range(samples.shape[0]):
             cond = _resize(batch["cond"][i].cpu(), samples.shape[-1])
-            rows.append(hstack_images([to_uint8(cond), to_uint8(batch["grid"][i]), to_uint8(samples[i])]))
-        return EvalResult(metrics, {"samples": vstack_images(rows)})  # condition | ground truth | sample
+            rows.append([to_uint8(cond), to_uint8(batch["grid"][i]), to_uint8(samples[i])])
+        return EvalResult(metrics, {"samples": labeled_grid(rows, ["condition", "ground truth", "sample"])})
 
     def export(self, output_uri: str) -> dict[str, str]:
         from geco.models.teacher import save_teacher
@@ -365,12 +363,15 @@ class ReconstructorPretrainTask(TrainTask):
             metrics["psnr_zero123_views"] = psnr(pred[~rnd], gt[~rnd])
         if "lpips" in out:
             metrics["lpips"] = float(out["lpips"])
-        rows = []
+        # one row per object: its 6 input views as the 3 x 2 grid, then per supervision view the target
+        # above the render
+        rows, n_sup = [], pred.shape[1]
         for i in range(pred.shape[0]):
-            rows.append(hstack_images([to_uint8(v) for v in batch["images"][i]]))  # the 6 input views
-            rows.append(hstack_images([to_uint8(v) for v in gt[i]]))  # ground truth at the supervision views
-            rows.append(hstack_images([to_uint8(v) for v in pred[i]]))  # renders
-        return EvalResult(metrics, {"renders": vstack_images(rows)})
+            views = [to_uint8(v) for v in batch["images"][i]]
+            inputs = grid([views[k:k + 2] for k in range(0, len(views), 2)], pad=0)
+            rows.append([inputs] + [grid([[to_uint8(gt[i, j])], [to_uint8(pred[i, j])]], pad=0) for j in range(n_sup)])
+        labels = ["input views"] + [f"target/render {j + 1}" for j in range(n_sup)]
+        return EvalResult(metrics, {"renders": labeled_grid(rows, labels)})
 
     def export(self, output_uri: str) -> dict[str, str]:
         from geco.models.reconstructor import save_reconstructor

@@ -65,6 +65,7 @@ from torch import nn
 
 from geco import storage
 from geco.data.schema import decode_sample
+from geco.images import labeled_grid, to_uint8
 from geco.train.loop import (
     EvalResult,
     GradientStep,
@@ -72,12 +73,9 @@ from geco.train.loop import (
     TrainTask,
     WorkerContext,
     config_hash,
-    hstack_images,
     make_adamw,
     make_lr_scheduler,
     psnr,
-    to_uint8,
-    vstack_images,
 )
 
 log = logging.getLogger(__name__)
@@ -679,9 +677,8 @@ class VSDTask(TrainTask):
             rows = []
             for i in range(gen_images.shape[0]):
                 cond_img = _resize_to_width(batch["cond"][i].float().cpu(), gen_images.shape[-1])
-                rows.append(hstack_images([to_uint8(cond_img), to_uint8(teacher_images[i]), to_uint8(gen_images[i]),
-                                           to_uint8(gt[i])]))
-            images["samples"] = vstack_images(rows)  # input | teacher | generator | ground truth
+                rows.append([to_uint8(cond_img), to_uint8(teacher_images[i]), to_uint8(gen_images[i]), to_uint8(gt[i])])
+            images["samples"] = labeled_grid(rows, ["input", "teacher", "generator", "ground truth"])
         return EvalResult(metrics, images)
 
     @torch.no_grad()

@@ -170,7 +170,8 @@ def _check_outputs(out: Path, name: str, frames: int = 4):
     quats = np.stack([v[f"rot_{i}"] for i in range(4)], -1)
     np.testing.assert_allclose(np.linalg.norm(quats, axis=-1), 1.0, atol=1e-4)
     views = Image.open(out / f"{name}_views.png")
-    assert views.size == (7 * (32 + 2) + 2, 32 + 4)  # input + 6 views of 32 px, 2 px gaps
+    # input + 6 views of 32 px, scaled up 4x to 128 px tiles, 2 px gaps, under a header row of labels
+    assert views.size[0] == 7 * (128 + 2) + 2 and 128 + 4 + 8 <= views.size[1] <= 128 + 4 + 40
     gif = Image.open(out / f"{name}_turntable.gif")
     assert gif.n_frames == frames and gif.size == (32, 32)
 
