@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
@@ -333,6 +333,10 @@ class Condition:
                          pick(self.cond_lat, other.cond_lat), self.uncond_hidden_states, self.uncond_lat)
 
 
+# PIL.Image.Resampling codes, as preprocessor configs store them
+_PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
 @dataclass(frozen=True)
 class ImagePreprocess:
     """What a ``CLIPImageProcessor`` config says, done as transformers' PIL processor does it: resize
@@ -428,13 +432,11 @@ class ImagePreprocess:
         return (images - mean) / std
 
 
-_PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
 def _pil_resize(images: torch.Tensor, hw: tuple[int, int], resample: int) -> torch.Tensor:
     """[B, 3, H, W] floats in [0, 1] -> [B, 3, h, w]: rounded to uint8, resized by PIL with ``resample``,
     back to [0, 1] floats on the input's device."""
-    u8 = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    u8 = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    u8 = u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
     out = [np.asarray(Image.fromarray(a).resize((hw[1], hw[0]), resample=Image.Resampling(resample))) for a in u8]
     return torch.from_numpy(np.stack(out)).to(images.device).permute(0, 3, 1, 2).float() / 255
 
@@ -1071,7 +1073,7 @@ def load_teacher(cfg: TeacherConfig, cache_dir: str | os.PathLike | None = None)
     if vae_pre.crop != (cfg.cond_size, cfg.cond_size):
         log.info("teacher: condition images enter the VAE at %dpx (config cond_size) instead of the folder's %s",
                  cfg.cond_size, vae_pre.crop)
-    vae_pre = ImagePreprocess(cfg.cond_size, (cfg.cond_size, cfg.cond_size), vae_pre.mean, vae_pre.std, vae_pre.resample)
+    vae_pre = replace(vae_pre, size=cfg.cond_size, crop=(cfg.cond_size, cfg.cond_size))  # its stats and filter
     text_encoder.eval()
     text_states = encode_empty_prompt(text_encoder, tokenizer)
     if len(ramp) != text_states.shape[1]:

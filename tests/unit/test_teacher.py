@@ -300,8 +300,9 @@ def test_fractional_timesteps_take_eulers_interpolated_sigma(teacher, cond):
         expected, sched = _diffusers_reference(lat, n, t, num_steps=5)
         sigma = float(sched.sigmas[list(sched.timesteps).index(t)])
         a, s = teacher.alpha_sigma(t, lat)
-        torch.testing.assert_close(a.flatten(), torch.full((2,), (1 + sigma ** 2) ** -0.5), atol=1e-7, rtol=1e-6)
-        torch.testing.assert_close(s.flatten(), torch.full((2,), sigma * (1 + sigma ** 2) ** -0.5), atol=1e-7, rtol=1e-6)
+        alpha = (1 + sigma ** 2) ** -0.5  # Euler's x_t = x0 + sigma * eps, scaled by 1 / sqrt(1 + sigma^2)
+        torch.testing.assert_close(a.flatten(), torch.full((2,), alpha), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(s.flatten(), torch.full((2,), sigma * alpha), atol=1e-7, rtol=1e-6)
         torch.testing.assert_close(teacher.noise_condition(lat, t, n), expected, atol=1e-6, rtol=1e-5)
     # integer timesteps: sqrt(abar_t), sqrt(1 - abar_t) as before
     abar = teacher.alphas_cumprod[torch.tensor([0, 749, 999])].double()
