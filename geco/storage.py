@@ -129,7 +129,9 @@ def _client(endpoint: str | None, settings: S3Settings = S3Settings()):
     # total_max_attempts counts the first try (botocore's "max_attempts" would not)
     cfg = Config(retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
                  connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
-    return boto3.client("s3", endpoint_url=endpoint or None, config=cfg)
+    # A session of its own: boto3's default session keeps the first credentials it found for the
+    # process, so a cleared cache would not see new ones.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=cfg)
 
 
 def s3_endpoint() -> str | None:
@@ -430,8 +432,17 @@ def write_folder(dest: str, write: Callable[[Path], None], *, marker: str, what:
 # -- checks ----------------------------------------------------------------------------------
 def _check_bucket(uri: str) -> None:
     """One HeadBucket: the endpoint answers, the credentials are accepted, the bucket exists."""
-    with s3_errors(uri, missing="bucket"):
-        s3_client().head_bucket(Bucket=split_s3(uri)[0])
+    bucket = split_s3(uri)[0]
+    try:
+        with s3_errors(uri, missing="bucket"):
+            s3_client().head_bucket(Bucket=bucket)
+    except (S3CredentialsError, S3BucketError):
+        # A HEAD answer has no body, so a refusal is a bare 403 or 404: ask once more with a GET,
+        # whose answer names the reason (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied,
+        # NoSuchBucket, InvalidBucketName).
+        with s3_errors(uri, missing="bucket"):
+            s3_client().list_objects_v2(Bucket=bucket, MaxKeys=1)
+        raise
 
 
 def check_writable(uri: str) -> None:
@@ -460,6 +471,8 @@ def check_readable(uri: str) -> None:
         except StorageError as e:
             endpoint = s3_endpoint() or "(AWS default)"
             reason = str(e).removeprefix(f"{uri}: ")
+            for said in (f" at S3 endpoint {endpoint}", f" by S3 endpoint {endpoint}", f"S3 endpoint {endpoint} "):
+                reason = reason.replace(said, "")  # named once, in front
             raise type(e)(f"{uri}: cannot read from S3 endpoint {endpoint}: {reason}") from None
     elif not Path(uri).exists():
         raise StorageError(f"{uri}: no such file or directory")

@@ -121,12 +121,22 @@ def test_missing_objects_stay_file_not_found_and_a_headbucket_404_is_a_missing_b
     with pytest.raises(FileNotFoundError, match="s3://bkt/k"):
         storage.read_bytes("s3://bkt/k")
     stubbed.add_client_error("head_bucket", service_error_code="404", http_status_code=404)
+    stubbed.add_client_error("list_objects_v2", service_error_code="NoSuchBucket", http_status_code=404)
     with pytest.raises(storage.S3BucketError, match="bucket 'bkt' does not exist"):
         storage.check_writable("s3://bkt/out")
     stubbed.add_client_error("head_bucket", service_error_code="403", http_status_code=403)
-    with pytest.raises(storage.S3CredentialsError, match="s3://bkt/in: cannot read from S3 endpoint "
-                                                         "http://s3.example:9000: access denied"):
+    # a bare 403 from HEAD: the check asks again with a GET, whose answer names the reason
+    stubbed.add_client_error("list_objects_v2", service_error_code="AccessDenied", http_status_code=403)
+    with pytest.raises(storage.S3CredentialsError, match=r"^s3://bkt/in: cannot read from S3 endpoint "
+                                                         r"http://s3.example:9000: access denied \(AccessDenied\)"):
         storage.check_readable("s3://bkt/in")
+
+
+def test_writes_name_a_missing_bucket(stubbed):
+    stubbed.add_client_error("put_object", service_error_code="NoSuchBucket", http_status_code=404)
+    with pytest.raises(storage.S3BucketError) as e:
+        storage.write_bytes("s3://bkt/out/k.bin", b"x")
+    _assert_one_line(e.value, "s3://bkt/out/k.bin: bucket 'bkt' does not exist at S3 endpoint http://s3.example:9000")
 
 
 def test_other_exceptions_pass_through_untouched(stalled_endpoint):
