@@ -137,3 +137,40 @@ def test_wrong_buckets_are_named(s3_env):
     # Stubber in tests/unit/test_storage.py); either way the bucket is named.
     with pytest.raises(storage.S3BucketError, match="^s3://ab/out: bucket 'ab' "):
         storage.check_writable("s3://ab/out")
+
+
+@pytest.mark.blender
+@pytest.mark.slow
+def test_s3_lost_mid_render_ends_in_one_line(lost_server, ray_local, tmp_path):
+    """The render stage writing shards to S3 when the server goes away after the first shard: a
+    StorageError of one line (the CLI prints it as such, exit 2), not pages of botocore."""
+    import threading
+
+    from geco.config import load_config
+    from pipelines import render
+
+    out = lost_server.create_bucket("render") + "/shards"
+    cfg = load_config(None, [
+        "source.kind=procedural", "source.num_procedural=8", f"dataset.uri={out}",
+        "render.cond.resolution=32", "render.zero123.resolution=32", "render.random.count=1",
+        "render.random.resolution=32", "render.blender.samples=2", "render.blender.threads=1",
+        "dataset.samples_per_shard=1", "dataset.val_fraction=0.0", "ray.num_renderers=1",
+        "ray.cpus_per_renderer=0.5", f"cache.dir={tmp_path / 'cache'}", "cache.max_gb=1",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    client = lost_server.client()
+
+    def lose_the_server_after_the_first_shard():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            listed = client.list_objects_v2(Bucket="render").get("Contents", [])
+            if any(o["Key"].endswith(".tar") for o in listed):
+                lost_server.stop()
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=lose_the_server_after_the_first_shard, daemon=True)
+    watcher.start()
+    with pytest.raises(storage.S3EndpointError) as e:
+        render.run(cfg)
+    watcher.join(timeout=5)
+    _assert_one_line(e.value, f"{out}/", f"cannot reach S3 endpoint {lost_server.endpoint}", "AWS_ENDPOINT_URL")
