@@ -113,7 +113,7 @@ def s3_settings() -> S3Settings:
             value = int(text) if integer else float(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and value >= 1 if integer else math.isfinite(value) and value > 0):
+        if not (math.isfinite(value) and (value >= 1 if integer else value > 0)):
             want = "a whole number >= 1, e.g. 3" if integer else "a finite number of seconds > 0, e.g. 30"
             raise StorageError(f"{var}={text!r}: expected {want}")
         values[name] = value

@@ -22,7 +22,8 @@ def s3_filesystem():
     import pyarrow.fs
 
     endpoint = storage.s3_endpoint()
-    st = storage.s3_settings()  # GECO_S3_* timeouts and retries, as for boto3
+    st = storage.s3_settings()  # GECO_S3_* timeouts and retries, as for boto3 (request_timeout is
+    # curl's low-speed limit on Linux: no byte for that long ends the request)
     kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
                     "connect_timeout": st.connect_timeout, "request_timeout": st.read_timeout,
                     "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=st.max_attempts)}

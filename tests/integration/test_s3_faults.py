@@ -3,6 +3,7 @@ credentials and wrong buckets each end in one line naming the URI and the fix (g
 StorageError subclasses), within the configured timeouts."""
 import os
 import signal
+import socket
 import time
 import uuid
 
@@ -174,3 +175,21 @@ def test_s3_lost_mid_render_ends_in_one_line(lost_server, ray_local, tmp_path):
         render.run(cfg)
     watcher.join(timeout=5)
     _assert_one_line(e.value, f"{out}/", f"cannot reach S3 endpoint {lost_server.endpoint}", "AWS_ENDPOINT_URL")
+
+
+def test_the_pyarrow_filesystem_follows_the_same_timeouts(monkeypatch):
+    """Ray Data/Train's S3 filesystem (pipelines/cluster.py) gives up on a stalled endpoint (a socket
+    that accepts and never answers) after GECO_S3_READ_TIMEOUT too (curl's low-speed limit on Linux)."""
+    from pipelines.cluster import s3_filesystem
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{sock.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "x",
+                     "AWS_SECRET_ACCESS_KEY": "y", "GECO_S3_CONNECT_TIMEOUT": "1", "GECO_S3_READ_TIMEOUT": "2",
+                     "GECO_S3_MAX_ATTEMPTS": "1"}.items():
+            monkeypatch.setenv(k, v)
+        t0 = time.monotonic()
+        with pytest.raises(OSError, match="Timeout was reached"):
+            s3_filesystem().get_file_info("bucket/key")
+        assert time.monotonic() - t0 < 10  # pyarrow's default: 3 attempts of ~3 s
