@@ -6,6 +6,12 @@ work starts. Command-line overrides use dotted paths: ``--set render.blender.sam
 An error names the file, the field and what is allowed, e.g.::
 
     configs/local.yaml: render.blender.samples: Input should be greater than or equal to 1 (got 0)
+
+Files are UTF-8 YAML; a key given twice in one mapping is an error (plain YAML would keep the last
+one silently), as is a file that is not UTF-8: each is one line naming the file and the line.
+Angles are degrees (elevations within [-90, 90]); distances, angles and timeouts are finite.
+Storage (S3 endpoint, credentials, timeouts) is configured from the environment, never here:
+see geco/storage.py.
 """
 from __future__ import annotations
 
@@ -533,34 +539,42 @@ def validate(model: type[BaseModel], data: dict, source: str = "<config>"):
         raise ConfigError(_format_error(source, err, model)) from None
 
 
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in a YAML config file, not yet validated. Every way a file can be unusable (missing,
+    unreadable, not UTF-8, not YAML, a key given twice, not a mapping) is one-line ConfigError
+    naming the file (and the line where there is one)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}); save the "
+                          "file as UTF-8") from None
+    try:
+        data = _load_yaml(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 model: type[BaseModel] = GecoConfig):
     """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
     data: dict = {}
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
-        try:
-            raw = p.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read the config file ({e.strerror})") from None
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = raw[:e.start].count(b"\n") + 1
-            raise ConfigError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}); save the "
-                              "file as UTF-8") from None
-        try:
-            data = _load_yaml(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
-        except _DuplicateKey as e:
-            raise ConfigError(f"{p}: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
+        data = read_config_file(path)
+        source = str(Path(path))
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + --set " + " ".join(overrides)
