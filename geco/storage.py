@@ -167,10 +167,6 @@ def _code(err: BaseException) -> str:
     return str((response.get("Error") or {}).get("Code", ""))
 
 
-def _is_missing(err: BaseException) -> bool:
-    return _code(err) in _MISSING
-
-
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
