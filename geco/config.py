@@ -6,6 +6,12 @@ work starts. Command-line overrides use dotted paths: ``--set render.blender.sam
 An error names the file, the field and what is allowed, e.g.::
 
     configs/local.yaml: render.blender.samples: Input should be greater than or equal to 1 (got 0)
+
+Files are UTF-8 YAML; a key given twice in one mapping is an error (plain YAML would keep the last
+one silently), as is a file that is not UTF-8: each is one line naming the file and the line.
+Angles are degrees (elevations within [-90, 90]); distances, angles and timeouts are finite.
+Storage (S3 endpoint, credentials, timeouts) is configured from the environment, never here:
+see geco/storage.py.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -58,35 +64,44 @@ class SourceConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
-class CondViewConfig(_Strict):
+# An elevation in degrees: a camera above (+) or below (-) the xy plane, up to the poles.
+Elevation = Annotated[float, Field(ge=-90.0, le=90.0)]
+
+
+class _FiniteStrict(_Strict):
+    # inf/nan are never a distance, an angle or a timeout (YAML spells them .inf / .nan).
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class CondViewConfig(_FiniteStrict):
     """The single conditioning view per object (the teacher's input image)."""
 
     fov_deg: float = Field(49.1, gt=0, lt=180)  # full field of view across the image width
     radius: float = Field(1.5, gt=0)  # camera distance from the origin (object in [-0.5, 0.5]^3)
     resolution: int = Field(512, ge=8)  # square image side in pixels
-    elevation_range: tuple[float, float] = (-10.0, 40.0)  # degrees, uniform; azimuth uniform
+    elevation_range: tuple[Elevation, Elevation] = (-10.0, 40.0)  # degrees, uniform; azimuth uniform
 
 
-class Zero123ViewsConfig(_Strict):
+class Zero123ViewsConfig(_FiniteStrict):
     """The 6 Zero123++ target views: azimuth relative to the conditioning view, elevation absolute."""
 
     fov_deg: float = Field(30.0, gt=0, lt=180)
     radius: float = Field(2.0, gt=0)
     resolution: int = Field(320, ge=8)  # one grid tile
-    elevations: tuple[float, float] = (20.0, -10.0)  # alternating, v1.2 (v1.1: 30/-20)
+    elevations: tuple[Elevation, Elevation] = (20.0, -10.0)  # alternating, v1.2 (v1.1: 30/-20)
 
 
-class RandomViewsConfig(_Strict):
+class RandomViewsConfig(_FiniteStrict):
     """N random supervision views per object."""
 
     count: int = Field(8, ge=0)
     fov_deg: float = Field(49.1, gt=0, lt=180)
     radius: float = Field(1.5, gt=0)
     resolution: int = Field(256, ge=8)
-    elevation_range: tuple[float, float] = (-20.0, 50.0)  # degrees, uniform; azimuth uniform
+    elevation_range: tuple[Elevation, Elevation] = (-20.0, 50.0)  # degrees, uniform; azimuth uniform
 
 
-class BlenderConfig(_Strict):
+class BlenderConfig(_FiniteStrict):
     """How Blender renders: engine, quality, device, and per-object limits."""
 
     engine: Literal["CYCLES", "BLENDER_EEVEE_NEXT"] = "CYCLES"
@@ -99,7 +114,7 @@ class BlenderConfig(_Strict):
     light_strength: float = Field(1.0, gt=0)  # uniform world (ambient) light strength
 
 
-class RenderConfig(_Strict):
+class RenderConfig(_FiniteStrict):
     cond: CondViewConfig = CondViewConfig()
     zero123: Zero123ViewsConfig = Zero123ViewsConfig()
     random: RandomViewsConfig = RandomViewsConfig()
@@ -416,9 +431,48 @@ class GecoConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+class _DuplicateKey(ValueError):
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first_line}); keep only one")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last
+    one silently, so the first setting would be ignored without a word). Merge keys (``<<``) may
+    still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the SafeLoader says so below
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: ``line 3, column 5: mapping values are not allowed here``."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _parse_scalar(text: str) -> Any:
     """`--set` values are YAML scalars/flows: 256, 0.5, true, [1, 2], s3://b/p."""
-    return yaml.safe_load(text) if text.strip() else ""
+    return _load_yaml(text) if text.strip() else ""
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -428,13 +482,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. render.blender.samples=32")
         key, value = item.split("=", 1)
+        try:
+            parsed = _parse_scalar(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                              "quote it or fix it") from None
+        except _DuplicateKey as e:
+            raise ConfigError(f"--set {item!r}: {e}") from None
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p!r} is not a section")
-        node[parts[-1]] = _parse_scalar(value)
+        node[parts[-1]] = parsed
     return data
 
 
@@ -478,22 +539,42 @@ def validate(model: type[BaseModel], data: dict, source: str = "<config>"):
         raise ConfigError(_format_error(source, err, model)) from None
 
 
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in a YAML config file, not yet validated. Every way a file can be unusable (missing,
+    unreadable, not UTF-8, not YAML, a key given twice, not a mapping) is one-line ConfigError
+    naming the file (and the line where there is one)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}); save the "
+                          "file as UTF-8") from None
+    try:
+        data = _load_yaml(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 model: type[BaseModel] = GecoConfig):
     """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
     data: dict = {}
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
+        data = read_config_file(path)
+        source = str(Path(path))
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + --set " + " ".join(overrides)

@@ -5,6 +5,24 @@ at a local folder or an S3 prefix. S3 endpoint and credentials come from the sta
 environment/config chain (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``~/.aws/config`` ...),
 never from our YAML, and are never logged.
 
+S3 timeouts and retries are configured the same way, from the environment (each node's, so Ray
+workers see the driver's on a local cluster and their node's elsewhere), never from YAML:
+
+- ``GECO_S3_CONNECT_TIMEOUT``: seconds to open a connection (default 5);
+- ``GECO_S3_READ_TIMEOUT``: seconds to wait for any bytes of an answer (default 30): a stalled
+  server (up but not answering) fails after about attempts x this, not after minutes;
+- ``GECO_S3_MAX_ATTEMPTS``: tries per request, the first included (default 3; botocore's
+  "standard" retry mode: timeouts, connection errors, throttling and 5xx are retried).
+
+The pyarrow S3 filesystem Ray Data and Ray Train use (``pipelines/cluster.py``) takes the same
+settings from :func:`s3_settings`.
+
+Errors: every S3 call goes through :func:`s3_errors`, which turns botocore's exceptions into the
+project's own, one line each, naming the URI and the fix: :class:`S3EndpointError` (endpoint
+unreachable or not answering), :class:`S3CredentialsError` (credentials missing, rejected or
+without permission), :class:`S3BucketError` (no such bucket, invalid name), or the base
+:class:`StorageError`; a missing object is ``FileNotFoundError(uri)``, as for a local path.
+
 Atomic commit: :func:`atomic_writer` makes an object visible only when it is whole. Locally it
 writes ``.<name>.tmp-<random>`` beside the target and ``os.replace``s it. On S3 a PUT (or a
 completed multipart upload) is itself atomic: readers never see a partial object, and an upload
@@ -14,10 +32,13 @@ first so nothing is sent until the writer closes without error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import math
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import IO, Callable, Iterator
@@ -25,6 +46,18 @@ from typing import IO, Callable, Iterator
 
 class StorageError(RuntimeError):
     """A storage problem a user can fix (wrong URI, unreachable endpoint, missing credentials)."""
+
+
+class S3EndpointError(StorageError):
+    """The S3 endpoint cannot be reached (refused, reset, DNS) or does not answer in time."""
+
+
+class S3CredentialsError(StorageError):
+    """No credentials, credentials the endpoint rejects, or credentials without permission."""
+
+
+class S3BucketError(StorageError):
+    """The bucket does not exist or its name is not a valid bucket name."""
 
 
 def is_s3(uri: str) -> bool:
@@ -54,13 +87,51 @@ def basename(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
+@dataclasses.dataclass(frozen=True)
+class S3Settings:
+    """Timeouts (seconds) and tries per request for every S3 client; see the module docstring."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 3
+
+
+_SETTINGS_ENV = {"connect_timeout": "GECO_S3_CONNECT_TIMEOUT", "read_timeout": "GECO_S3_READ_TIMEOUT",
+                 "max_attempts": "GECO_S3_MAX_ATTEMPTS"}
+
+
+def s3_settings() -> S3Settings:
+    """The S3 timeouts and retries from ``GECO_S3_*`` (defaults where unset); a bad value is a
+    :class:`StorageError` naming the variable."""
+    values: dict = {}
+    for name, var in _SETTINGS_ENV.items():
+        text = os.environ.get(var, "").strip()
+        if not text:
+            continue
+        integer = name == "max_attempts"
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value >= 1 if integer else value > 0)):
+            want = "a whole number >= 1, e.g. 3" if integer else "a finite number of seconds > 0, e.g. 30"
+            raise StorageError(f"{var}={text!r}: expected {want}")
+        values[name] = value
+    return S3Settings(**values)
+
+
 @functools.lru_cache(maxsize=8)
-def _client(endpoint: str | None):
+def _client(endpoint: str | None, settings: S3Settings = S3Settings()):
+    # boto3 is imported here, not at the top: it takes a while and most runs never touch S3.
     import boto3
     from botocore.config import Config
 
-    cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60)
-    return boto3.client("s3", endpoint_url=endpoint or None, config=cfg)
+    # total_max_attempts counts the first try (botocore's "max_attempts" would not)
+    cfg = Config(retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
+                 connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
+    # A session of its own: boto3's default session keeps the first credentials it found for the
+    # process, so a cleared cache would not see new ones.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=cfg)
 
 
 def s3_endpoint() -> str | None:
@@ -69,25 +140,126 @@ def s3_endpoint() -> str | None:
 
 
 def s3_client():
-    """A boto3 S3 client for the endpoint in the environment (cached per process and endpoint)."""
-    return _client(s3_endpoint())
+    """A boto3 S3 client for the endpoint and :func:`s3_settings` in the environment (cached per
+    process, endpoint and settings)."""
+    return _client(s3_endpoint(), s3_settings())
 
 
-def _is_missing(err: Exception) -> bool:
-    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
-    return code in ("404", "NoSuchKey", "NotFound")
+def _transfer_config():
+    """s3transfer's own retries of a broken download stream follow ``GECO_S3_MAX_ATTEMPTS`` too."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(num_download_attempts=s3_settings().max_attempts)
+
+
+# -- errors ----------------------------------------------------------------------------------
+_MISSING = ("404", "NoSuchKey", "NotFound")
+_BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                    "InvalidClientTokenId", "AuthorizationHeaderMalformed")
+_DENIED = ("403", "AccessDenied", "AllAccessDisabled", "Forbidden")
+_NO_BUCKET = ("NoSuchBucket",)
+_BAD_BUCKET = ("InvalidBucketName",)
+
+
+def _code(err: BaseException) -> str:
+    """The S3 error code of a botocore ClientError ("" for anything else, which has no response)."""
+    response = getattr(err, "response", None) or {}
+    return str((response.get("Error") or {}).get("Code", ""))
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _translate(err: BaseException, uri: str, elapsed: float, missing: str) -> BaseException | None:
+    """The project's exception for a botocore/s3transfer error, or None (not a storage error)."""
+    # Lazy: botocore is only imported by the time an S3 call has failed.
+    from botocore import exceptions as bx
+
+    err = getattr(err, "last_exception", None) or err  # s3transfer: retries of a download exhausted
+    endpoint = s3_endpoint() or "(AWS default)"
+    bucket = split_s3(uri)[0] if is_s3(uri) else "?"
+    code = _code(err)
+    if isinstance(err, bx.ClientError):
+        if code in _MISSING and missing == "key":
+            return FileNotFoundError(uri)
+        if code in _NO_BUCKET or (code in _MISSING and missing == "bucket"):
+            return S3BucketError(f"{uri}: bucket {bucket!r} does not exist at S3 endpoint {endpoint}; "
+                                 "create it or fix the URI")
+        if code in _BAD_BUCKET:
+            return S3BucketError(f"{uri}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, "
+                                 "digits, dots and hyphens); fix the URI")
+        if code in _BAD_CREDENTIALS:
+            return S3CredentialsError(f"{uri}: S3 endpoint {endpoint} rejected the credentials ({code}); "
+                                      "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile")
+        if code in _DENIED:
+            return S3CredentialsError(f"{uri}: access denied by S3 endpoint {endpoint} ({code}); check "
+                                      "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the AWS profile) and "
+                                      f"that they may use bucket {bucket!r}")
+        message = (getattr(err, "response", None) or {}).get("Error", {}).get("Message", "")
+        return StorageError(f"{uri}: S3 endpoint {endpoint} answered {code or 'an error'}"
+                            f"{': ' + _one_line(message) if message else ''}; check the server's log or retry later")
+    if isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
+        return S3CredentialsError(f"{uri}: no AWS credentials found ({_one_line(err)}); set "
+                                  "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile")
+    if isinstance(err, bx.ParamValidationError) and "bucket" in str(err).lower():
+        return S3BucketError(f"{uri}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, "
+                             "dots and hyphens); fix the URI")
+    if isinstance(err, (bx.ReadTimeoutError, bx.ConnectTimeoutError)):
+        st = s3_settings()
+        return S3EndpointError(
+            f"S3 endpoint {endpoint} not answering (timed out after {elapsed:.0f} s): {uri}; check that the "
+            f"server is up, or raise GECO_S3_CONNECT_TIMEOUT/GECO_S3_READ_TIMEOUT/GECO_S3_MAX_ATTEMPTS "
+            f"(now {st.connect_timeout:g} s/{st.read_timeout:g} s/{st.max_attempts})")
+    if isinstance(err, (bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError, ConnectionError)):
+        return S3EndpointError(f"{uri}: cannot reach S3 endpoint {endpoint} ({type(err).__name__}: "
+                               f"{_one_line(err)}); check AWS_ENDPOINT_URL and that the server is up")
+    if isinstance(err, bx.BotoCoreError):
+        return StorageError(f"{uri}: S3 request failed ({type(err).__name__}: {_one_line(err)})")
+    return None
+
+
+@contextlib.contextmanager
+def s3_errors(uri: str, *, missing: str = "key") -> Iterator[None]:
+    """Raise the project's exception for a botocore/s3transfer error inside the block (one line,
+    naming ``uri``, the endpoint and the fix; botocore's chain is dropped); other exceptions pass
+    through. ``missing``: what a 404 means, ``"key"`` (``FileNotFoundError(uri)``) or ``"bucket"``
+    (:class:`S3BucketError`, e.g. for HeadBucket)."""
+    t0 = time.monotonic()
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        translated = _translate(e, uri, time.monotonic() - t0, missing)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+class _S3Stream:
+    """A streaming S3 body whose reads raise :func:`s3_errors`' exceptions (a server lost mid-read)."""
+
+    def __init__(self, body, uri: str):
+        self._body, self._uri = body, uri
+
+    def read(self, *args):
+        with s3_errors(self._uri):
+            return self._body.read(*args)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._body.close()
 
 
 # -- reading ---------------------------------------------------------------------------------
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        try:
+        with s3_errors(uri):
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as e:  # botocore ClientError
-            if _is_missing(e):
-                raise FileNotFoundError(uri) from None
-            raise
     return Path(uri).read_bytes()
 
 
@@ -100,14 +272,10 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
     """A streaming binary reader (S3 bodies are streamed, not loaded whole)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        try:
+        with s3_errors(uri):
             body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        except Exception as e:
-            if _is_missing(e):
-                raise FileNotFoundError(uri) from None
-            raise
         try:
-            yield body
+            yield _S3Stream(body, uri)
         finally:
             body.close()
     else:
@@ -119,12 +287,11 @@ def exists(uri: str) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
+            with s3_errors(uri):
+                s3_client().head_object(Bucket=bucket, Key=key)
             return True
-        except Exception as e:
-            if _is_missing(e):
-                return False
-            raise
+        except FileNotFoundError:
+            return False
     return Path(uri).exists()
 
 
@@ -132,12 +299,8 @@ def stat(uri: str) -> dict:
     """``{"size": bytes, "etag": str}``; etag is S3's ETag or ``mtime_ns-size`` locally."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        try:
+        with s3_errors(uri):
             h = s3_client().head_object(Bucket=bucket, Key=key)
-        except Exception as e:
-            if _is_missing(e):
-                raise FileNotFoundError(uri) from None
-            raise
         return {"size": h["ContentLength"], "etag": h["ETag"].strip('"')}
     st = Path(uri).stat()
     return {"size": st.st_size, "etag": f"{st.st_mtime_ns}-{st.st_size}"}
@@ -150,9 +313,10 @@ def listdir(prefix: str, suffix: str = "") -> list[str]:
     if is_s3(prefix):
         bucket, key = split_s3(prefix)
         key = key.rstrip("/") + "/" if key else ""
-        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            for obj in page.get("Contents", []):
-                out.append(f"s3://{bucket}/{obj['Key']}")
+        with s3_errors(prefix, missing="bucket"):
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                for obj in page.get("Contents", []):
+                    out.append(f"s3://{bucket}/{obj['Key']}")
     else:
         root = Path(prefix)
         if root.is_dir():
@@ -167,10 +331,11 @@ def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         with tempfile.NamedTemporaryFile(prefix="geco-upload-", suffix=".tmp") as tmp:
-            yield tmp
+            yield tmp  # the block's own exceptions pass through untouched
             tmp.flush()
             tmp.seek(0)
-            s3_client().upload_fileobj(tmp, bucket, key)  # multipart is aborted on failure
+            with s3_errors(uri, missing="bucket"):
+                s3_client().upload_fileobj(tmp, bucket, key)  # multipart is aborted on failure
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +362,8 @@ def write_text(uri: str, text: str) -> None:
 def delete(uri: str) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        s3_client().delete_object(Bucket=bucket, Key=key)
+        with s3_errors(uri, missing="bucket"):
+            s3_client().delete_object(Bucket=bucket, Key=key)
     else:
         Path(uri).unlink(missing_ok=True)
 
@@ -210,12 +376,8 @@ def download(uri: str, local_path: str | Path) -> Path:
     try:
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            try:
-                s3_client().download_file(bucket, key, str(tmp))
-            except Exception as e:
-                if _is_missing(e):
-                    raise FileNotFoundError(uri) from None
-                raise
+            with s3_errors(uri):
+                s3_client().download_file(bucket, key, str(tmp), Config=_transfer_config())
         else:
             shutil.copyfile(uri, tmp)
         os.replace(tmp, local_path)
@@ -264,6 +426,21 @@ def write_folder(dest: str, write: Callable[[Path], None], *, marker: str, what:
 
 
 # -- checks ----------------------------------------------------------------------------------
+def _check_bucket(uri: str) -> None:
+    """One HeadBucket: the endpoint answers, the credentials are accepted, the bucket exists."""
+    bucket = split_s3(uri)[0]
+    try:
+        with s3_errors(uri, missing="bucket"):
+            s3_client().head_bucket(Bucket=bucket)
+    except (S3CredentialsError, S3BucketError):
+        # A HEAD answer has no body, so a refusal is a bare 403 or 404: ask once more with a GET,
+        # whose answer names the reason (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied,
+        # NoSuchBucket, InvalidBucketName).
+        with s3_errors(uri, missing="bucket"):
+            s3_client().list_objects_v2(Bucket=bucket, MaxKeys=1)
+        raise
+
+
 def check_writable(uri: str) -> None:
     """Fail fast, before any work starts, when ``uri`` cannot be written.
 
@@ -271,20 +448,7 @@ def check_writable(uri: str) -> None:
     how to point at another one (never the credentials).
     """
     if is_s3(uri):
-        bucket, _ = split_s3(uri)
-        endpoint = s3_endpoint() or "AWS default"
-        try:
-            s3_client().head_bucket(Bucket=bucket)
-        except Exception as e:
-            name = type(e).__name__
-            if _is_missing(e) or "NoSuchBucket" in str(e):
-                raise StorageError(f"{uri}: bucket {bucket!r} does not exist at endpoint {endpoint}; "
-                                   "create it or fix the output URI") from None
-            if "Credentials" in name:
-                raise StorageError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/"
-                                   "AWS_SECRET_ACCESS_KEY or an AWS profile") from None
-            raise StorageError(f"{uri}: cannot reach S3 endpoint {endpoint} ({name}: {e}); check "
-                               "AWS_ENDPOINT_URL and that the server is up") from None
+        _check_bucket(uri)
     else:
         p = Path(uri)
         try:
@@ -298,12 +462,13 @@ def check_writable(uri: str) -> None:
 def check_readable(uri: str) -> None:
     """Fail fast when an input URI (file or prefix) cannot be read."""
     if is_s3(uri):
-        bucket = split_s3(uri)[0]
         try:
-            s3_client().head_bucket(Bucket=bucket)
-        except Exception as e:
-            endpoint = s3_endpoint() or "AWS default"
-            raise StorageError(f"{uri}: cannot read from S3 endpoint {endpoint} ({type(e).__name__}: {e}); "
-                               "check AWS_ENDPOINT_URL, credentials and the bucket name") from None
+            _check_bucket(uri)
+        except StorageError as e:
+            endpoint = s3_endpoint() or "(AWS default)"
+            reason = str(e).removeprefix(f"{uri}: ")
+            for said in (f" at S3 endpoint {endpoint}", f" by S3 endpoint {endpoint}", f"S3 endpoint {endpoint} "):
+                reason = reason.replace(said, "")  # named once, in front
+            raise type(e)(f"{uri}: cannot read from S3 endpoint {endpoint}: {reason}") from None
     elif not Path(uri).exists():
         raise StorageError(f"{uri}: no such file or directory")

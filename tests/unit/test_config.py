@@ -60,3 +60,73 @@ def test_paper_config_trains_at_paper_scale():
         assert job.use_gpu and job.wait_for_resources and job.mixed_precision == "bf16" and job.gradient_checkpointing
         assert job.storage_path.startswith("s3://")
     assert GecoConfig().stage1.train.wait_for_resources is False  # the default fails fast instead
+
+
+# --------------------------------------------------------------------------------------------
+# Hardening (issue #10 item 9): unreadable files, duplicate keys, angles and timeouts. Each is one
+# line naming the file (or --set) and the field, with the fix.
+# --------------------------------------------------------------------------------------------
+def _one_line_error(*args) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(*args)
+    assert "\n" not in str(e.value) and e.value.__suppress_context__, str(e.value)
+    return str(e.value)
+
+
+def test_a_config_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: geco-local\ntracking:\n  experiment: caf\u00e9\n".encode("latin-1"))
+    assert _one_line_error(bad) == f"{bad}: not UTF-8 text (byte 0xe9 at line 3); save the file as UTF-8"
+    bom = tmp_path / "bom.yaml"  # a UTF-8 byte-order mark is UTF-8
+    bom.write_bytes(b"\xef\xbb\xbfrender:\n  seed: 3\n")
+    assert load_config(bom).render.seed == 3
+
+
+def test_duplicate_yaml_keys_are_refused_with_their_lines(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("render:\n  blender:\n    samples: 8\n    device: CPU\n    samples: 32\n")
+    assert _one_line_error(dup) == (f"{dup}: duplicate key 'samples' at line 5 (first at line 3); keep only one")
+    top = tmp_path / "top.yaml"
+    top.write_text("render:\n  seed: 1\nname: a\nrender:\n  seed: 2\n")
+    assert "duplicate key 'render' at line 4 (first at line 1)" in _one_line_error(top)
+    msg = _one_line_error(None, ["render.random.elevation_range={a: 1, a: 2}"])
+    assert msg.startswith("--set 'render.random.elevation_range={a: 1, a: 2}': duplicate key 'a'")
+    merged = tmp_path / "merge.yaml"  # YAML merge keys may still be overridden
+    merged.write_text("render:\n  cond: &v {radius: 1.25, resolution: 64}\n  random:\n    <<: *v\n    resolution: 32\n")
+    cfg = load_config(merged)
+    assert (cfg.render.random.radius, cfg.render.random.resolution, cfg.render.cond.resolution) == (1.25, 32, 64)
+
+
+def test_broken_yaml_is_one_line_with_line_and_column(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("render:\n  seed: 1\n   depth: true\n")
+    msg = _one_line_error(bad)
+    assert msg.startswith(f"{bad}: not valid YAML: line 3, column ")
+    msg = _one_line_error(None, ["render.random.elevation_range=[1,"])
+    assert msg.startswith("--set 'render.random.elevation_range=[1,': the value is not valid YAML (line ")
+
+
+@pytest.mark.parametrize("override,field", [
+    ("render.cond.elevation_range=[-10, 95]", "render.cond.elevation_range.1"),
+    ("render.random.elevation_range=[-91, 10]", "render.random.elevation_range.0"),
+    ("render.zero123.elevations=[20, -120]", "render.zero123.elevations.1"),
+])
+def test_elevations_stay_within_the_poles(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"  {field}: Input should be " in str(e.value) and ("-90" in str(e.value) or " 90" in str(e.value))
+    poles = load_config(None, ["render.random.elevation_range=[-90, 90]"])  # the poles themselves are fine
+    assert poles.render.random.elevation_range == (-90.0, 90.0)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("render.blender.timeout_s=.inf", "render.blender.timeout_s"),
+    ("render.blender.timeout_s=.nan", "render.blender.timeout_s"),
+    ("render.cond.radius=.inf", "render.cond.radius"),
+    ("render.random.fov_deg=.nan", "render.random.fov_deg"),
+    ("render.blender.light_strength=.inf", "render.blender.light_strength"),
+])
+def test_timeouts_and_view_geometry_are_finite(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"  {field}: Input should be a finite number" in str(e.value)
