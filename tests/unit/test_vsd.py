@@ -11,11 +11,11 @@ import warnings
 import pytest
 import torch
 
-from geco.config import GeneratorConfig, TeacherConfig
+from geco.config import GeneratorConfig, Stage1Config, TeacherConfig
 from geco.distill.vsd import (
     FakeScore,
-    RegressionBatch,
-    VSDSettings,
+    FakeScoreObjective,
+    GeneratorObjective,
     VSDStep,
     estimate_stage1_memory,
     fake_score_loss,
@@ -24,11 +24,13 @@ from geco.distill.vsd import (
     predict_eps,
     regression_loss,
     sample_timesteps,
+    set_gradient_checkpointing,
     vsd_gradient,
 )
 from geco.models.generator import OneStepGenerator
 from geco.models.lpips import LPIPSLoss, LPIPSUnavailableWarning
 from geco.models.teacher import build_tiny_teacher
+from geco.train.loop import GradientStep, make_adamw
 
 TILE = 16
 CFG = TeacherConfig(tile_size=TILE, cond_size=TILE, num_inference_steps=2)
@@ -64,6 +66,22 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _step(teacher, gen, fake, *, lpips=None, regression_pairs=None, optimizer_g=None, **settings) -> VSDStep:
+    """The one stage-1 step around plain (unwrapped) models, with Adam(W) per network as VSDTask
+    builds them; ``settings`` are Stage1Config fields."""
+    s = Stage1Config(**settings)
+    gen_obj = GeneratorObjective(gen, teacher, fake, s, lpips)
+    fake_obj = FakeScoreObjective(fake, teacher, s)
+    opt_g = optimizer_g or make_adamw(gen.unet.parameters(), lr=s.lr_generator, betas=s.betas_generator)
+    opt_f = make_adamw(fake.trainable_parameters(), lr=s.lr_fake, betas=s.betas_fake)
+    return VSDStep(teacher, gen_obj, fake_obj, GradientStep(gen.unet.parameters(), opt_g),
+                   GradientStep(fake.trainable_parameters(), opt_f), s, regression_pairs=regression_pairs)
+
+
+def _cond_batch(b=2, seed=1) -> dict:
+    return {"cond": torch.rand(b, 3, TILE, TILE, generator=_gen(seed)), "keys": [f"obj{i}" for i in range(b)]}
 
 
 def _fixed_inputs(teacher, cond, b=2, seed=10):
@@ -300,7 +318,7 @@ def test_fake_score_loss_decreases_on_fixed_generator_outputs(teacher, cond):
     assert end < 0.9 * start, (start, end)  # 0.529 -> 0.430 here
 
 
-def test_vsd_loop_end_to_end(teacher, cond):
+def test_vsd_loop_end_to_end(teacher):
     """~20 alternating steps: the generator and the LoRA change, the teacher (and the shared base)
     do not, every statistic is finite."""
     gen = OneStepGenerator.from_teacher(teacher, GeneratorConfig())
@@ -308,24 +326,21 @@ def test_vsd_loop_end_to_end(teacher, cond):
     teacher_state = _snapshot(teacher.unet)
     gen_state = _snapshot(gen.unet)
     lora_before = {k: v.clone() for k, v in fake.trainable_state_dict().items()}
-    step = VSDStep(teacher, gen, fake, VSDSettings(lr_generator=1e-4, lr_fake=1e-3, betas_generator=(0.0, 0.99)))
+    step = _step(teacher, gen, fake, lr_generator=1e-4, lr_fake=1e-3, betas_generator=(0.0, 0.99))
     g = _gen(40)
-    history = [step(cond, generator=g) for _ in range(20)]
+    history = [step([_cond_batch()], g) for _ in range(20)]
     for st in history:
         for k in ("loss_vsd", "loss_fake", "grad_norm_g", "grad_norm_f", "vsd_grad_abs_mean", "t_mean"):
             assert math.isfinite(st[k]), (k, st)
         assert 20 <= st["t_mean"] <= 980 and st["g_skipped"] == 0 and st["f_skipped"] == 0
-    assert history[-1]["step"] == 20
     assert history[0]["grad_norm_g"] > 0 and history[0]["grad_norm_f"] > 0
     assert _same(teacher_state, _snapshot(teacher.unet))  # teacher (incl. the shared LoRA base) untouched
     assert not _same(gen_state, _snapshot(gen.unet))
     lora_after = fake.trainable_state_dict()
     assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
-    assert step.optimizer_g.param_groups[0]["betas"] == (0.0, 0.99)
-    assert step.optimizer_f.param_groups[0]["betas"] == (0.9, 0.999)
 
 
-def test_gradient_checkpointing_gives_the_same_step(teacher, cond):
+def test_gradient_checkpointing_gives_the_same_step(teacher):
     """Checkpointing (generator and LoRA fake score) recomputes with the same reference-attention mode
     and adapter state: one step matches the step without it."""
     results = []
@@ -333,10 +348,12 @@ def test_gradient_checkpointing_gives_the_same_step(teacher, cond):
         gen = OneStepGenerator.from_teacher(teacher, GeneratorConfig())
         fake = make_fake_score(teacher, "lora")
         _perturb_lora(fake)
-        step = VSDStep(teacher, gen, fake, VSDSettings(lr_generator=1e-4, lr_fake=1e-3, gradient_checkpointing=ckpt))
+        set_gradient_checkpointing(gen.unet, ckpt)
+        set_gradient_checkpointing(fake.unet, ckpt)
+        step = _step(teacher, gen, fake, lr_generator=1e-4, lr_fake=1e-3)
         assert gen.unet.is_gradient_checkpointing == ckpt and fake.unet.is_gradient_checkpointing == ckpt
         assert not teacher.unet.is_gradient_checkpointing
-        results.append(step(cond, generator=_gen(50)))
+        results.append(step([_cond_batch()], _gen(50)))
     a, b = results
     for k in ("loss_vsd", "loss_fake", "grad_norm_g", "grad_norm_f"):
         assert math.isclose(a[k], b[k], rel_tol=1e-4), (k, a[k], b[k])
@@ -366,14 +383,24 @@ def test_regression_loss_skips_lpips_when_unavailable():
         regression_loss(pred, target[:1])
 
 
-def test_vsd_step_with_a_regression_batch(teacher, cond):
+def test_vsd_step_with_a_regression_batch(teacher):
     gen = OneStepGenerator.from_teacher(teacher, GeneratorConfig())
     fake = make_fake_score(teacher, "lora")
     z = gen.sample_noise(2, 70)
     teacher_images = torch.rand(2, 3, 3 * TILE, 2 * TILE, generator=_gen(71))
-    step = VSDStep(teacher, gen, fake, VSDSettings(lr_generator=1e-4), lpips=lambda a, b: (a - b).abs().mean())
-    st = step(cond, generator=_gen(72), regression=RegressionBatch(cond, z, teacher_images))
+    asked = []
+
+    def pairs(keys, cond):
+        asked.append(list(keys))
+        return z, teacher_images
+
+    step = _step(teacher, gen, fake, lr_generator=1e-4, regression_weight=1.0, regression_pairs=pairs,
+                 lpips=lambda a, b: (a - b).abs().mean())
+    st = step([_cond_batch()], _gen(72))
     assert math.isfinite(st["loss_reg"]) and "reg_lpips" in st and st["g_skipped"] == 0
+    assert st["loss_generator"] > st["loss_vsd"] and asked == [["obj0", "obj1"]]
+    with pytest.raises(ValueError, match="regression_pairs"):
+        _step(teacher, gen, fake, regression_weight=1.0)
 
 
 def test_memory_estimate():
