@@ -359,6 +359,125 @@ def test_gradient_checkpointing_gives_the_same_step(teacher):
         assert math.isclose(a[k], b[k], rel_tol=1e-4), (k, a[k], b[k])
 
 
+def test_fake_score_loss_eps_target_by_hand(teacher, cond):
+    """The default fake-score loss is the authors' eps-MSE, eps = sigma x_t + alpha v (the fake
+    score's v output converted); per sample it is alpha_bar_t times the v-MSE (the v option)."""
+    fake = make_fake_score(teacher, "lora")
+    _perturb_lora(fake)
+    x0, noise, cond_noise, t = _fixed_inputs(teacher, cond)
+    with torch.no_grad():
+        x_t = teacher.add_noise(x0, noise, t)
+        v = teacher.predict_v(x_t, t, cond, cond_noise=cond_noise, unet=fake.unet)
+        abar = teacher.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        eps_hat = s * x_t + a * v
+        by_hand = float(((eps_hat - noise) ** 2).mean())
+        v_target = a * noise - s * x0
+        v_by_hand = float(((v - v_target) ** 2).mean())
+        eps = fake_score_loss(teacher, fake, x0, cond, t, noise, cond_noise=cond_noise)  # the default
+        v_loss = fake_score_loss(teacher, fake, x0, cond, t, noise, target="v", cond_noise=cond_noise)
+    assert math.isclose(float(eps), by_hand, rel_tol=1e-5)
+    assert math.isclose(float(v_loss), v_by_hand, rel_tol=1e-5)
+    for i in range(2):  # per sample: eps loss = alpha_bar_t * v loss
+        sl = slice(i, i + 1)
+        with torch.no_grad():
+            e_i = fake_score_loss(teacher, fake, x0[sl], cond[i], t[sl], noise[sl], cond_noise=cond_noise[sl])
+            v_i = fake_score_loss(teacher, fake, x0[sl], cond[i], t[sl], noise[sl], target="v",
+                                  cond_noise=cond_noise[sl])
+        assert math.isclose(float(e_i), float(abar[i]) * float(v_i), rel_tol=1e-4)
+    assert Stage1Config().fake_loss == "eps"
+    assert FakeScoreObjective(fake, teacher, Stage1Config(fake_loss="v")).target == "v"
+    with pytest.raises(ValueError, match="eps"):
+        fake_score_loss(teacher, fake, x0, cond, t, noise, target="x0")
+
+
+def test_vsd_gradient_difference_is_fp32_under_bf16_autocast(teacher, cond):
+    """Under bf16 autocast the UNets compute in bf16, but g = eps_teacher - eps_fake is formed from
+    the predictions cast to float32 (CFG, eps conversion and difference in float32): exactly the
+    float32 difference of the autocast predictions, not a bf16 one."""
+    fake = make_fake_score(teacher, "lora")
+    _perturb_lora(fake)
+    x0, noise, cond_noise, t = _fixed_inputs(teacher, cond)
+    x_t = teacher.add_noise(x0, noise, t)
+    with torch.no_grad():
+        v_t32 = teacher.predict_v(x_t, t, cond, guidance_scale=4.0, cond_noise=cond_noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v_t = teacher.predict_v(x_t, t, cond, guidance_scale=4.0, cond_noise=cond_noise)
+            v_f = teacher.predict_v(x_t, t, cond, cond_noise=cond_noise, unet=fake.unet)
+            g, parts = vsd_gradient(teacher, fake, x0, cond, t, noise, cond_noise=cond_noise)
+    assert not torch.equal(v_t, v_t32)  # autocast is on: the UNet ran in bf16
+    a, s = teacher.alpha_sigma(t, x_t)
+    eps_t, eps_f = s * x_t + a * v_t.float(), s * x_t + a * v_f.float()
+    assert g.dtype == parts["eps_teacher"].dtype == parts["eps_fake"].dtype == torch.float32
+    torch.testing.assert_close(g, eps_t - eps_f, rtol=0, atol=0)
+    g16 = (eps_t.bfloat16() - eps_f.bfloat16()).float()
+    assert not torch.equal(g, g16)  # what a bf16 difference would have given
+
+
+def test_vsd_gradient_zeroes_nan_and_inf(teacher, cond, monkeypatch):
+    """The authors' nan_to_num: NaN/inf in the teacher-minus-fake difference become 0, the rest is
+    kept, and the generator's gradient stays finite."""
+    fake = make_fake_score(teacher, "lora")
+    _perturb_lora(fake)
+    x0, noise, cond_noise, t = _fixed_inputs(teacher, cond)
+    g_ok, _ = vsd_gradient(teacher, fake, x0, cond, t, noise, cond_noise=cond_noise)
+    predict_v = teacher.predict_v
+
+    def broken(x_t, tt, c, *args, unet=None, **kw):
+        v = predict_v(x_t, tt, c, *args, unet=unet, **kw)
+        if unet is None:  # the teacher's prediction
+            v = v.clone()
+            v[0, 0, 0, 0], v[1, 1, 2, 3], v[1, 2, 0, 1] = float("nan"), float("inf"), float("-inf")
+        return v
+
+    monkeypatch.setattr(teacher, "predict_v", broken)
+    g, _ = vsd_gradient(teacher, fake, x0, cond, t, noise, cond_noise=cond_noise)
+    assert torch.isfinite(g).all()
+    bad = torch.zeros_like(g, dtype=torch.bool)
+    bad[0, 0, 0, 0] = bad[1, 1, 2, 3] = bad[1, 2, 0, 1] = True
+    assert (g[bad] == 0).all() and torch.equal(g[~bad], g_ok[~bad])
+    x = x0.clone().requires_grad_(True)
+    loss, _ = generator_loss(teacher, fake, x, cond, t, noise, cond_noise=cond_noise)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5])
+def test_generator_gradient_is_clipped_only_when_asked(teacher, max_norm):
+    """With SGD at lr 1 the generator's update is minus its gradient: unclipped (the default, the
+    authors' code) its norm is the logged pre-clip norm; with max_grad_norm_generator it is that."""
+    gen = OneStepGenerator.from_teacher(teacher, GeneratorConfig())
+    fake = make_fake_score(teacher, "lora")
+    before = [p.detach().clone() for p in gen.unet.parameters()]
+    sgd = torch.optim.SGD(gen.unet.parameters(), lr=1.0)
+    settings = {"max_grad_norm_generator": max_norm} if max_norm else {}
+    st = _step(teacher, gen, fake, optimizer_g=sgd, **settings)([_cond_batch()], _gen(80))
+    step_norm = float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.detach() - b) for p, b in zip(gen.unet.parameters(), before)])))
+    assert st["grad_norm_g"] > 1.0  # the pre-clip norm, larger than any limit tested here
+    assert math.isclose(step_norm, max_norm or st["grad_norm_g"], rel_tol=1e-3), (step_norm, st["grad_norm_g"])
+    assert Stage1Config().max_grad_norm_generator == 0.0
+
+
+def test_non_finite_generator_gradient_skips_its_update(teacher):
+    gen = OneStepGenerator.from_teacher(teacher, GeneratorConfig())
+    fake = make_fake_score(teacher, "lora")
+    step = _step(teacher, gen, fake, lr_generator=1e-3, lr_fake=1e-3)
+    objective = step.generator
+
+    def poisoned(*args):
+        out = objective(*args)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+    step.generator = poisoned
+    before = _snapshot(gen.unet)
+    lora_before = {k: v.clone() for k, v in fake.trainable_state_dict().items()}
+    st = step([_cond_batch()], _gen(81))
+    assert st["g_skipped"] == 1.0 and st["f_skipped"] == 0.0 and not math.isfinite(st["grad_norm_g"])
+    assert _same(before, _snapshot(gen.unet))
+    assert any(not torch.equal(lora_before[k], v) for k, v in fake.trainable_state_dict().items())
+
+
 def test_regression_loss_skips_lpips_when_unavailable():
     g = _gen(60)
     pred = torch.rand(2, 6, 3, 8, 8, generator=g, requires_grad=True)
