@@ -343,15 +343,38 @@ class PretrainConfig(_Strict):
     reconstructor: PretrainReconstructorConfig = PretrainReconstructorConfig()
 
 
+# TrainJobConfig fields that stage 1 replaces with one setting per network (Stage1TrainConfig rejects them)
+_STAGE1_PER_NETWORK = {
+    "lr": "stage1.lr_generator and stage1.lr_fake",
+    "adam_betas": "stage1.betas_generator and stage1.betas_fake",
+    "max_grad_norm": "stage1.max_grad_norm_generator and stage1.max_grad_norm_fake",
+}
+
+
 class Stage1TrainConfig(TrainJobConfig):
     """The stage-1 Ray Train job: TrainJobConfig with stage-1 defaults (a subclass, so that a partial
-    `stage1.train` section in a file keeps them). `lr` and `adam_betas` are unused: stage 1 has
-    `stage1.lr_generator` / `lr_fake` and their betas; the schedule applies to both optimisers."""
+    `stage1.train` section in a file keeps them). Stage 1 trains two networks, each with its own
+    learning rate, betas and clipping (`stage1.lr_generator`, `stage1.betas_fake`, ...): the job's
+    single `lr`, `adam_betas` and `max_grad_norm` do not exist here (setting one is an error naming
+    the stage-1 settings); the schedule applies to both optimisers."""
 
     steps: int = Field(5000, ge=0)  # the paper: 5,000 steps (1x L40, ~4 h)
     batch_size: int = Field(1, ge=1)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # the paper: constant Adam
     gradient_checkpointing: bool = True  # on the generator's and the fake score's UNets (real scale)
+    # inherited, not used by stage 1: None, and left out of dumps (so a dumped config loads again)
+    lr: None = Field(None, exclude=True)
+    adam_betas: None = Field(None, exclude=True)
+    max_grad_norm: None = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_single_network_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, use in _STAGE1_PER_NETWORK.items():
+                if data.get(key) is not None:
+                    raise ValueError(f"stage1.train.{key} does not apply to stage 1 (two networks): set {use} instead")
+        return data
 
 
 class Stage1Config(_Strict):
@@ -372,13 +395,22 @@ class Stage1Config(_Strict):
     log_weights: bool = True  # log the exported bundle as MLflow artifacts (weights/bundle)
     holdout_fraction: float = Field(0.1, gt=0, lt=1)  # held-out objects when the manifest's val split is empty
     # the Ray Train job (steps, batch, accumulation, schedule, checkpoints, eval, workers/GPUs, bf16,
-    # gradient checkpointing); its `lr` and `adam_betas` are unused: stage 1 has the two below
+    # gradient checkpointing); learning rates, betas and clipping are per network, below
     train: Stage1TrainConfig = Stage1TrainConfig()
     lr_generator: float = Field(1e-6, gt=0)  # Adam on the generator's UNet (paper: 1e-6)
-    lr_fake: float = Field(1e-6, gt=0)  # Adam on the fake score (paper: 1e-6; balancing the two matters)
-    betas_generator: tuple[float, float] = (0.9, 0.999)  # the paper; GECO's code used (0.0, 0.99)
-    betas_fake: tuple[float, float] = (0.9, 0.999)
-    fake_score: Literal["lora", "full"] = "lora"  # LoRA adapter sharing the teacher's weights, or a full UNet copy (paper)
+    lr_fake: float = Field(1e-6, gt=0)  # Adam on the fake score (paper: 1e-6 for a full copy; balancing the two matters)
+    # generator Adam betas: (0.9, 0.999) as the paper writes; the authors' code uses (0.0, 0.99)
+    betas_generator: tuple[float, float] = (0.9, 0.999)
+    betas_fake: tuple[float, float] = (0.9, 0.999)  # the paper and the authors' code
+    # gradient-norm clipping per network (0 = off). The method weights every timestep alike; clipping
+    # the generator rescales each step by 1/|grad| (a weighting w(t) it excludes); the authors clip
+    # neither network (they only zero NaN/inf in the VSD gradient, which this code always does too).
+    max_grad_norm_generator: float = Field(0.0, ge=0)
+    max_grad_norm_fake: float = Field(1.0, ge=0)
+    # full: a full UNet copy (the paper and the authors' code). lora: an adapter sharing the teacher's
+    # weights (much less memory) that learns far more slowly per step: it needs a much larger lr_fake
+    # than a full copy to track the generator (check that eval/loss_fake falls; configs/local.yaml).
+    fake_score: Literal["lora", "full"] = "lora"
     lora_rank: int = Field(4, ge=1)  # LoRA rank on q/k/v/out of every attention (fake_score=lora)
     lora_alpha: float = Field(0.0, ge=0)  # LoRA alpha (0 = the rank: scale 1)
     teacher_cfg: float = Field(4.0, ge=1.0)  # classifier-free guidance of the teacher's score
@@ -387,6 +419,9 @@ class Stage1Config(_Strict):
     t_min: float = Field(0.02, ge=0, le=1)  # timesteps t ~ U[t_min, t_max] x 1000, both losses
     t_max: float = Field(0.98, ge=0, le=1)
     fake_steps: int = Field(1, ge=1)  # fake-score updates per generator update
+    # the fake score's diffusion loss: eps = MSE on the noise (its v output converted to eps; the
+    # authors' code), v = MSE on v (= the eps loss weighted by 1/alpha_bar_t: more weight on high t)
+    fake_loss: Literal["eps", "v"] = "eps"
     # optional DMD-style regression: LPIPS + MSE of G(cond, z) against teacher samples made from the
     # same saved noise z (per object, seeded by its id); 0 = off. LPIPS joins when its weights load.
     regression_weight: float = Field(0.0, ge=0)

@@ -6,19 +6,24 @@ Three UNets with the same architecture and the same initial weights (PAPER.md, "
   timestep, as Zero123++ samples;
 * the **generator** G (trained): :class:`geco.models.generator.OneStepGenerator`, its own UNet copy;
 * the **fake score** ("student", trained on G's outputs): :func:`make_fake_score`, either a full
-  copy of the teacher's UNet (the paper) or — the memory-saving default — a LoRA adapter on a UNet
-  module that **shares the teacher's base weight tensors** (no second copy of the 866 M frozen
-  parameters; see :func:`make_fake_score` for why the adapter lives on a separate module object
-  rather than being toggled on the teacher's own module).
+  copy of the teacher's UNet (the paper and the authors' code) or a LoRA adapter on a UNet module
+  that **shares the teacher's base weight tensors** (no second copy of the 866 M frozen parameters;
+  see :func:`make_fake_score` for why the adapter lives on a separate module object rather than
+  being toggled on the teacher's own module). A LoRA adapter learns far more slowly per step than a
+  full copy at the same learning rate, so it needs its own, larger ``lr_fake``.
 
-One training step (:class:`VSDStep`) alternates:
+One optimiser step (:class:`VSDStep`, settings ``cfg.stage1``; ``geco.train.stage1.VSDTask`` runs it):
 
-1. **generator step** — ``x0 = G(cond, z)``; ``t ~ U{t_min·N … t_max·N}``; ``x_t = α_t x0 + σ_t ε``;
-   ``g = ε_teacher(x_t; CFG 4) − ε_fake(x_t; CFG 1)`` (no grad, both from the same ``x_t`` and the
-   same reference-pass noise); loss ``0.5 · ‖x0 − stopgrad(x0 − g)‖² / B`` ("sum" reduction divided
-   by the batch size, no w(t)), so that ``∂loss/∂x0 = g / B`` exactly;
-2. **fake-score step** — the ordinary v-prediction diffusion loss of the fake score on
-   ``x0.detach()`` (same particles as step 1, its own t and noise).
+1. **generator update** — ``x0 = G(cond, z)``; ``t ~ U{t_min·N … t_max·N}``; ``x_t = α_t x0 + σ_t ε``;
+   ``g = nan_to_num(ε_teacher(x_t; CFG 4) − ε_fake(x_t; CFG 1))`` (no grad, both from the same
+   ``x_t`` and the same reference-pass noise, in float32 even under bf16 autocast: a small
+   difference of two large predictions); loss ``0.5 · ‖x0 − stopgrad(x0 − g)‖² / B`` ("sum"
+   reduction divided by the batch size, no w(t)), so that ``∂loss/∂x0 = g / B`` exactly. The
+   generator's gradient is not clipped unless ``max_grad_norm_generator`` > 0 (clipping would
+   reweight steps by ``1/‖∇‖``, a weighting the method does not have);
+2. **fake-score update(s)** — its diffusion loss on ``x0.detach()`` (same particles as step 1, its
+   own t and noise): ε-MSE (its v output converted to ε; the authors' code) or v-MSE
+   (``fake_loss``; :func:`fake_score_loss`).
 
 Sign of the VSD gradient (derivation; this is what threestudio's VSD guidance and GECO's training
 loop compute: ``grad = noise_pred_pretrain − noise_pred_est``, ``target = (x − grad).detach()``)
@@ -39,7 +44,7 @@ score fitted to outputs at μ_F predicts ``ε_F = (x_t − α μ_F)/σ``; ``g = 
 ``−g`` points from μ_F to μ_T (tested in ``tests/unit/test_vsd.py``).
 
 Memory (see :func:`estimate_stage1_memory` for the numbers and their assumptions): gradient
-checkpointing per UNet (``VSDSettings.gradient_checkpointing``; diffusers' block-level
+checkpointing per UNet (:func:`set_gradient_checkpointing`; diffusers' block-level
 ``torch.utils.checkpoint``, non-reentrant); attention is torch SDPA already (the teacher's
 :class:`~geco.models.teacher.ReferenceAttnProcessor` chains ``AttnProcessor2_0``), so there is no
 separate xformers switch. Checkpointing is safe with reference attention because the attention
@@ -53,9 +58,8 @@ import copy
 import logging
 import math
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,16 +70,20 @@ from geco.models.teacher import Condition, Zero123PlusTeacher, _randn
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
+    from geco.config import Stage1Config
     from geco.models.generator import OneStepGenerator
+    from geco.train.loop import GradientStep
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
     "FakeScore",
-    "RegressionBatch",
-    "VSDSettings",
+    "FakeScoreObjective",
+    "GeneratorObjective",
+    "RegressionPairs",
     "VSDStep",
+    "clip_gradients",
     "estimate_stage1_memory",
     "fake_score_loss",
     "generator_loss",
@@ -234,15 +242,24 @@ def sample_timesteps(batch: int, generator: torch.Generator | None = None, t_min
     return t.to(device) if device is not None else t
 
 
+def _full_precision(device: torch.device | str) -> AbstractContextManager:
+    """Autocast off: what runs inside computes in the dtype of its inputs (float32 here)."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
 def predict_eps(teacher: Zero123PlusTeacher, x_t: torch.Tensor, t, cond: Condition, guidance_scale: float = 1.0, *,
                 cond_noise: torch.Tensor | None = None, unet: nn.Module | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """ε-prediction (``σ_t x_t + α_t v``) of ``unet`` (default the teacher's) with the teacher's
-    conditioning; CFG is applied to v, which is the same as applying it to ε (the conversion is
-    affine with the same ``x_t`` in both halves)."""
+    conditioning, in float32 whatever the UNet's dtype or autocast: the UNet runs as autocast says,
+    its v output is cast to float32 before CFG (``predict_v`` casts it to ``x_t``'s dtype, float32
+    here) and the ε conversion runs with autocast off. CFG is applied to v, which is the same as
+    applying it to ε (the conversion is affine with the same ``x_t`` in both halves)."""
+    x_t = x_t.float()
     v = teacher.predict_v(x_t, t, cond, guidance_scale=guidance_scale, cond_noise=cond_noise, unet=unet,
                           generator=generator)
-    return teacher.v_to_eps(x_t, t, v.float())
+    with _full_precision(x_t.device):
+        return teacher.v_to_eps(x_t, t, v.float())
 
 
 def _cond_noise(teacher: Zero123PlusTeacher, cond: Condition, batch: int,
@@ -256,10 +273,14 @@ def vsd_gradient(teacher: Zero123PlusTeacher, fake_score: FakeScore, x0: torch.T
                  noise: torch.Tensor, *, teacher_cfg: float = 4.0, fake_cfg: float = 1.0,
                  cond_noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``g = ε_teacher(x_t; CFG teacher_cfg) − ε_fake(x_t; CFG fake_cfg)`` at ``x_t = α_t x0 + σ_t·noise``
-    (float32, NaN/inf zeroed like upstream's ``nan_to_num``). Both networks see the same ``x_t`` and
-    the same reference-pass noise ``cond_noise`` (drawn from ``generator`` when not given), which
-    removes that noise from the difference. Returns ``(g, parts)`` with the two ε's in ``parts``."""
+    """``g = ε_teacher(x_t; CFG teacher_cfg) − ε_fake(x_t; CFG fake_cfg)`` at ``x_t = α_t x0 + σ_t·noise``.
+
+    Float32 throughout except inside the UNets (bf16 under autocast): both ε's are float32
+    (:func:`predict_eps`) and their difference is taken with autocast off — it is a small
+    difference of two large predictions, which 16 bits would mostly round away. NaN/inf in ``g``
+    are zeroed (the authors' ``nan_to_num``). Both networks see the same ``x_t`` and the same
+    reference-pass noise ``cond_noise`` (drawn from ``generator`` when not given), which removes that
+    noise from the difference. Returns ``(g, parts)`` with ``x_t`` and the two ε's in ``parts``."""
     b = x0.shape[0]
     cond = cond.expand(b)
     x0 = x0.detach().float()
@@ -268,7 +289,8 @@ def vsd_gradient(teacher: Zero123PlusTeacher, fake_score: FakeScore, x0: torch.T
         cond_noise = _cond_noise(teacher, cond, b, generator)
     eps_teacher = predict_eps(teacher, x_t, t, cond, teacher_cfg, cond_noise=cond_noise, unet=None)
     eps_fake = predict_eps(teacher, x_t, t, cond, fake_cfg, cond_noise=cond_noise, unet=fake_score.unet)
-    g = torch.nan_to_num(eps_teacher - eps_fake)
+    with _full_precision(x_t.device):
+        g = torch.nan_to_num(eps_teacher - eps_fake, nan=0.0, posinf=0.0, neginf=0.0)
     return g, {"x_t": x_t, "eps_teacher": eps_teacher, "eps_fake": eps_fake}
 
 
@@ -305,26 +327,33 @@ def generator_loss(teacher: Zero123PlusTeacher, fake_score: FakeScore, x0_latent
 
 
 def fake_score_loss(teacher: Zero123PlusTeacher, fake_score: FakeScore, x0_latents: torch.Tensor, cond: Condition, t,
-                    noise: torch.Tensor, *, cond_noise: torch.Tensor | None = None, drop_cond_prob: float = 0.0,
+                    noise: torch.Tensor, *, target: Literal["eps", "v"] = "eps", cond_noise: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """The fake score's ordinary v-prediction diffusion loss ``mean ‖v_fake(x_t) − (α_t ε − σ_t x0)‖²``
-    on the generator's **detached** outputs (so only the fake score's trainable parameters get
-    gradients). Reference pass noised to ``t`` like the teacher's (``cond_noise``, default fresh
-    from ``generator``). ``drop_cond_prob`` > 0 swaps the condition for the CFG-unconditional one per
-    sample (only needed when the fake score is queried with CFG ≠ 1)."""
+    """The fake score's diffusion loss on the generator's **detached** outputs (so only the fake
+    score's trainable parameters get gradients), conditional (CFG 1), at ``x_t = α_t x0 + σ_t·noise``:
+
+    * ``target="eps"`` (the authors' code): ``mean ‖ε̂ − noise‖²`` with ``ε̂ = σ_t x_t + α_t v_fake``
+      (its v output converted to ε);
+    * ``target="v"``: ``mean ‖v_fake − (α_t·noise − σ_t x0)‖²``.
+
+    Per sample ``ε̂ − noise = α_t (v_fake − v)``, so the ε loss is the v loss weighted by ``ᾱ_t``:
+    the v loss puts ``1/ᾱ_t`` more weight on high timesteps. Computed in float32. Reference pass
+    noised to ``t`` like the teacher's (``cond_noise``, default fresh from ``generator``)."""
     x0 = x0_latents.detach().float()
     b = x0.shape[0]
     cond = cond.expand(b)
     noise = noise.to(x0)
     x_t = teacher.add_noise(x0, noise, t)
-    target = teacher.get_v(x0, noise, t)
-    if drop_cond_prob > 0:
-        gen_dev = generator.device if generator is not None else torch.device("cpu")
-        drop = torch.rand(b, generator=generator, device=gen_dev).to(teacher.device) < drop_cond_prob
-        cond = cond.where(drop, cond.uncond())
     v = teacher.predict_v(x_t, t, cond, guidance_scale=1.0, cond_noise=cond_noise, unet=fake_score.unet,
                           generator=generator)
-    return F.mse_loss(v.float(), target.float())
+    with _full_precision(x_t.device):
+        if target == "eps":
+            pred, want = teacher.v_to_eps(x_t, t, v.float()), noise
+        elif target == "v":
+            pred, want = v.float(), teacher.get_v(x0, noise, t)
+        else:
+            raise ValueError(f"fake-score loss target must be 'eps' or 'v', got {target!r}")
+        return F.mse_loss(pred, want)
 
 
 # ================================================================================================
@@ -376,16 +405,6 @@ def regression_loss(generator_x0_images: torch.Tensor, teacher_samples_images: t
             stats["reg_lpips"] = float(d.detach())
     stats["loss_reg"] = float(loss.detach())
     return loss, stats
-
-
-@dataclass
-class RegressionBatch:
-    """One DMD-style pair batch: the condition, the saved noise ``z`` the teacher sample was made
-    from, and the teacher's sample decoded to images in [0, 1] (grid ``[B, 3, H, W]``)."""
-
-    cond: Condition
-    z: torch.Tensor
-    teacher_images: torch.Tensor
 
 
 # ================================================================================================
@@ -472,142 +491,172 @@ def estimate_stage1_memory(unet_params: int = _SD2_UNET_PARAMS, latent_shape: Se
 
 
 # ================================================================================================
-# One alternating update
+# One optimiser step of stage 1
 # ================================================================================================
-@dataclass
-class VSDSettings:
-    """Hyper-parameters of :class:`VSDStep` (PAPER.md defaults)."""
+class GeneratorObjective(nn.Module):
+    """The generator's objective on one micro-batch, as a module whose only registered submodule is
+    the generator (what DDP synchronises or FSDP shards); the teacher, the fake score and LPIPS are
+    plain references. ``forward(cond, z, t, noise, cond_noise, reg_z=None, reg_target=None)`` ->
+    ``{"loss", "x0" (detached), "stats"}``: :func:`generator_loss` on ``x0 = G(cond, z)``, plus
+    ``regression_weight ×`` :func:`regression_loss` of ``G(cond, reg_z)`` against ``reg_target``
+    (teacher images) when those are given."""
 
-    lr_generator: float = 1e-6
-    lr_fake: float = 1e-6
-    betas_generator: tuple[float, float] = (0.9, 0.999)  # the paper; GECO's code: (0.0, 0.99)
-    betas_fake: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    teacher_cfg: float = 4.0
-    fake_cfg: float = 1.0
-    t_min: float = 0.02  # generator-loss timesteps, fraction of the 1000-step schedule
-    t_max: float = 0.98
-    fake_t_min: float = 0.02  # fake-score-loss timesteps (GECO's code: the same range)
-    fake_t_max: float = 0.98
-    fake_drop_cond_prob: float = 0.0  # condition dropout for the fake score (needed only if fake_cfg != 1)
-    fake_steps: int = 1  # fake-score updates per generator update
-    max_grad_norm: float | None = None  # clip each network's gradient norm (None: no clipping)
-    regression_weight: float = 1.0  # weight of the optional regression term (when a batch is given)
-    regression_mse_weight: float = 1.0
-    regression_lpips_weight: float = 1.0
-    gradient_checkpointing: bool = False  # on the generator's and the fake score's UNets
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, logged with the run
+    def __init__(self, generator: "OneStepGenerator", teacher: Zero123PlusTeacher, fake_score: FakeScore,
+                 settings: "Stage1Config", lpips: Any = None):
+        super().__init__()
+        self.generator = generator
+        object.__setattr__(self, "_refs", (teacher, fake_score, lpips))  # references, not submodules
+        self.settings = settings
+
+    def forward(self, cond: Condition, z: torch.Tensor, t, noise: torch.Tensor, cond_noise: torch.Tensor,
+                reg_z: torch.Tensor | None = None, reg_target: torch.Tensor | None = None) -> dict[str, Any]:
+        teacher, fake, lpips = self._refs
+        s = self.settings
+        x0 = self.generator(cond, z)
+        loss, stats = generator_loss(teacher, fake, x0, cond, t, noise, s.teacher_cfg, s.fake_cfg,
+                                     cond_noise=cond_noise)
+        total = loss
+        if reg_z is not None:
+            images = teacher.decode_latents(self.generator(cond, reg_z), clamp=False)
+            lpips_w = s.regression_lpips_weight if lpips is not None else 0.0
+            loss_r, st = regression_loss(images, reg_target, lpips, s.regression_mse_weight, lpips_w)
+            stats.update(st)
+            total = total + s.regression_weight * loss_r
+        return {"loss": total, "x0": x0.detach(), "stats": stats}
 
 
-def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
-    params = [p for p in params if p.grad is not None]
-    if not params:
+class FakeScoreObjective(nn.Module):
+    """The fake score's objective (:func:`fake_score_loss`, target ``settings.fake_loss``) as a
+    module registering the fake score only (a LoRA fake score's frozen base is the teacher's: the
+    caller keeps it out of DDP). ``forward(x0, cond, t, noise, cond_noise)`` -> the loss."""
+
+    def __init__(self, fake_score: FakeScore, teacher: Zero123PlusTeacher, settings: "Stage1Config"):
+        super().__init__()
+        self.fake = fake_score
+        object.__setattr__(self, "_teacher", teacher)
+        self.target = settings.fake_loss
+
+    def forward(self, x0: torch.Tensor, cond: Condition, t, noise: torch.Tensor, cond_noise: torch.Tensor) -> torch.Tensor:
+        return fake_score_loss(self._teacher, self.fake, x0, cond, t, noise, target=self.target, cond_noise=cond_noise)
+
+
+def clip_gradients(model: nn.Module, params: Sequence[nn.Parameter], max_norm: float) -> float:
+    """The global L2 norm of the gradients before clipping; they are scaled down to ``max_norm``
+    when it is > 0 and left untouched when it is 0. A module that shards its parameters provides
+    its own ``clip_grad_norm_`` (FSDP: the norm over every rank's shard), used when present."""
+    own = getattr(model, "clip_grad_norm_", None)
+    if own is not None:
+        return float(own(max_norm if max_norm > 0 else math.inf))
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-    return float(norm)
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])))
+
+
+#: ``(object keys, condition) -> (saved noise z [B, 4, h, w], teacher images [B, 3, H, W])``: the
+#: regression term's pairs for one micro-batch (the caller owns how they are made and cached)
+RegressionPairs = Callable[[Sequence[str], Condition], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 class VSDStep:
-    """One alternating stage-1 update, diffusers-training-example style::
+    """One optimiser step of stage 1 on a list of micro-batches (gradient accumulation)::
 
-        fake = make_fake_score(teacher, "lora")
-        step = VSDStep(teacher, generator, fake, VSDSettings(lr_generator=1e-6, lr_fake=1e-6))
-        for batch in loader:
-            cond = teacher.encode_condition(batch["cond_rgb"])
-            stats = step(cond)              # generator step, then fake-score step
-            tracker.log(stats)
+        step = VSDStep(teacher, GeneratorObjective(G, teacher, fake, cfg.stage1),
+                       FakeScoreObjective(fake, teacher, cfg.stage1), step_g, step_f, cfg.stage1)
+        metrics = step(micro_batches, torch.Generator().manual_seed(...))
 
-    Optimisers: Adam on the generator's UNet and on the fake score's trainable parameters, with
-    separate learning rates and betas (``VSDSettings``); pass your own to override. A step whose
-    gradient norm is not finite is skipped (``*_skipped`` = 1 in the stats) rather than written
-    into the weights."""
+    ``generator`` / ``fake`` are the two objectives, possibly wrapped by DDP or FSDP; ``step_g`` /
+    ``step_f`` the :class:`~geco.train.loop.GradientStep` of each network (its optimiser, scheduler,
+    accumulation = the number of micro-batches, autocast; built with ``max_grad_norm=0``: this step
+    clips, with ``settings.max_grad_norm_generator`` / ``max_grad_norm_fake``). Settings are
+    ``cfg.stage1`` (:class:`geco.config.Stage1Config`). Micro-batches: ``{"cond": condition images
+    [B, 3, H, W], "keys": object ids}`` (keys only for the regression term).
 
-    def __init__(self, teacher: Zero123PlusTeacher, generator: "OneStepGenerator", fake_score: FakeScore,
-                 settings: VSDSettings | None = None, *, optimizer_g: torch.optim.Optimizer | None = None,
-                 optimizer_f: torch.optim.Optimizer | None = None, lpips: Any = None):
+    1. **Generator update.** Per micro-batch: the condition is encoded, ``z``, ``t ~ U[t_min,
+       t_max]·1000``, the noise and the reference-pass noise are drawn, and
+       :class:`GeneratorObjective`'s loss is back-propagated; then one update of G.
+    2. **Fake-score updates** (``fake_steps`` of them), on the detached outputs of step 1 (the same
+       particles; their own t and noise; the condition dropped to the unconditional one with
+       probability ``fake_drop_cond_prob``).
+
+    Each update: the gradient norm before clipping is logged (``grad_norm_g`` / ``grad_norm_f``);
+    when it is not finite that network's update is skipped (``g_skipped`` / ``f_skipped`` = 1; its
+    scheduler still advances). Every random number is drawn from ``gen`` (a CPU generator) in a
+    fixed order, so the caller seeding it by (seed, rank, step) makes a resumed run exact."""
+
+    def __init__(self, teacher: Zero123PlusTeacher, generator: nn.Module, fake: nn.Module, step_g: "GradientStep",
+                 step_f: "GradientStep", settings: "Stage1Config", *, regression_pairs: RegressionPairs | None = None):
+        if settings.regression_weight > 0 and regression_pairs is None:
+            raise ValueError("stage1.regression_weight > 0 needs regression_pairs (the teacher's samples)")
         self.teacher = teacher
         self.generator = generator
-        self.fake_score = fake_score
-        self.settings = s = settings or VSDSettings()
-        self.lpips = lpips
-        teacher.unet.requires_grad_(False)
-        self.params_g = [p for p in generator.unet.parameters() if p.requires_grad]
-        self.params_f = fake_score.trainable_parameters()
-        if not self.params_g:
-            raise ValueError("the generator has no trainable parameters")
-        if not self.params_f:
-            raise ValueError("the fake score has no trainable parameters")
-        shared = {id(p) for p in self.params_g} & {id(p) for p in teacher.unet.parameters()}
-        if shared:
-            raise ValueError("the generator's UNet shares parameters with the teacher; build it with "
-                             "OneStepGenerator.from_teacher (a deep copy)")
-        self.optimizer_g = optimizer_g or torch.optim.Adam(self.params_g, lr=s.lr_generator, betas=s.betas_generator,
-                                                           weight_decay=s.weight_decay)
-        self.optimizer_f = optimizer_f or torch.optim.Adam(self.params_f, lr=s.lr_fake, betas=s.betas_fake,
-                                                           weight_decay=s.weight_decay)
-        set_gradient_checkpointing(generator.unet, s.gradient_checkpointing)
-        set_gradient_checkpointing(fake_score.unet, s.gradient_checkpointing)
-        self.step_count = 0
+        self.fake = fake
+        self.step_g = step_g
+        self.step_f = step_f
+        self.settings = settings
+        self.regression_pairs = regression_pairs
 
-    def _noise(self, shape, generator: torch.Generator | None) -> torch.Tensor:
-        return _randn(shape, generator, self.teacher.device)
-
-    def __call__(self, cond: Condition, z: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
-                 regression: RegressionBatch | None = None) -> dict[str, float]:
-        """One generator update then ``fake_steps`` fake-score updates on the same (detached)
-        generator outputs. ``z``: the generator's input noise (default fresh, batch = the
-        condition's). All randomness comes from ``generator`` when given."""
+    def __call__(self, micro_batches: Sequence[Mapping[str, Any]], gen: torch.Generator) -> dict[str, float]:
         s, teacher = self.settings, self.teacher
-        n_t = teacher.num_train_timesteps
-        b = cond.batch_size if z is None else z.shape[0]
-        if z is None:
-            z = self._noise(teacher.latent_shape(b), generator)
-        stats: dict[str, float] = {}
+        dev, n_t, n = teacher.device, teacher.num_train_timesteps, len(micro_batches)
+        sums: dict[str, float] = {}
 
-        # -- (1) generator step ------------------------------------------------------------------
-        self.optimizer_g.zero_grad(set_to_none=True)
-        x0 = self.generator(cond, z)
-        t = sample_timesteps(b, generator, s.t_min, s.t_max, n_t, device=teacher.device)
-        noise = self._noise(x0.shape, generator)
-        loss_g, st = generator_loss(teacher, self.fake_score, x0, cond, t, noise, s.teacher_cfg, s.fake_cfg,
-                                    generator=generator)
-        stats.update(st)
-        total = loss_g
-        if regression is not None:
-            x0_reg = self.generator(regression.cond, regression.z)
-            images = teacher.decode_latents(x0_reg, clamp=False)
-            loss_r, st_r = regression_loss(images, regression.teacher_images, self.lpips,
-                                           s.regression_mse_weight, s.regression_lpips_weight)
-            stats.update(st_r)
-            total = total + s.regression_weight * loss_r
-        total.backward()
-        stats["grad_norm_g"] = _grad_norm(self.params_g, s.max_grad_norm)
-        stats["g_skipped"] = 0.0 if math.isfinite(stats["grad_norm_g"]) else 1.0
-        if not stats["g_skipped"]:
-            self.optimizer_g.step()
-        self.optimizer_g.zero_grad(set_to_none=True)
+        def add(k: str, v: float | torch.Tensor, count: int) -> None:
+            sums[k] = sums.get(k, 0.0) + float(v) / count
 
-        # -- (2) fake-score step(s) on the same particles, detached --------------------------------
-        particles = x0.detach()
-        del x0, total, loss_g
-        for _ in range(max(1, s.fake_steps)):
-            self.optimizer_f.zero_grad(set_to_none=True)
-            t_f = sample_timesteps(b, generator, s.fake_t_min, s.fake_t_max, n_t, device=teacher.device)
-            noise_f = self._noise(particles.shape, generator)
-            loss_f = fake_score_loss(teacher, self.fake_score, particles, cond, t_f, noise_f,
-                                     drop_cond_prob=s.fake_drop_cond_prob, generator=generator)
-            loss_f.backward()
-            stats["loss_fake"] = float(loss_f.detach())
-            stats["grad_norm_f"] = _grad_norm(self.params_f, s.max_grad_norm)
-            stats["f_skipped"] = 0.0 if math.isfinite(stats["grad_norm_f"]) else 1.0
-            if not stats["f_skipped"]:
-                self.optimizer_f.step()
-            self.optimizer_f.zero_grad(set_to_none=True)
-            stats["t_fake_mean"] = float(t_f.float().mean())
+        # -- (1) generator update ------------------------------------------------------------------
+        conds, particles = [], []
+        for i, mb in enumerate(micro_batches):
+            cond = teacher.encode_condition(mb["cond"], generator=gen)
+            b = cond.batch_size
+            z = _randn(teacher.latent_shape(b), gen, dev)
+            t = sample_timesteps(b, gen, s.t_min, s.t_max, n_t, device=dev)
+            noise = _randn(teacher.latent_shape(b), gen, dev)
+            cond_noise = _randn((b, *cond.cond_lat.shape[1:]), gen, dev)
+            reg_z = reg_target = None
+            if s.regression_weight > 0:
+                reg_z, reg_target = self.regression_pairs(mb["keys"], cond)
+            with self.step_g.micro(self.generator, i):
+                out = self.generator(cond, z, t, noise, cond_noise, reg_z, reg_target)
+                self.step_g.backward(out["loss"])
+            conds.append(cond)
+            particles.append(out["x0"])
+            add("loss_generator", out["loss"].detach(), n)
+            for k, v in out["stats"].items():
+                add(k, v, n)
+        sums.update(self._update(self.step_g, self.generator, s.max_grad_norm_generator, "g"))
 
-        stats["x0_abs_mean"] = float(particles.abs().mean())
-        stats["lr_g"] = float(self.optimizer_g.param_groups[0]["lr"])
-        stats["lr_f"] = float(self.optimizer_f.param_groups[0]["lr"])
-        self.step_count += 1
-        stats["step"] = float(self.step_count)
-        return stats
+        # -- (2) fake-score update(s) on the same particles -------------------------------------
+        for _ in range(s.fake_steps):
+            for i, (cond, x0) in enumerate(zip(conds, particles)):
+                b = x0.shape[0]
+                t_f = sample_timesteps(b, gen, s.t_min, s.t_max, n_t, device=dev)
+                noise_f = _randn(tuple(x0.shape), gen, dev)
+                cond_noise_f = _randn((b, *cond.cond_lat.shape[1:]), gen, dev)
+                if s.fake_drop_cond_prob > 0:
+                    drop = torch.rand(b, generator=gen) < s.fake_drop_cond_prob
+                    cond = cond.where(drop.to(dev), cond.uncond())
+                with self.step_f.micro(self.fake, i):
+                    loss_f = self.fake(x0, cond, t_f, noise_f, cond_noise_f)
+                    self.step_f.backward(loss_f)
+                add("loss_fake", loss_f.detach(), n * s.fake_steps)
+            sums.update(self._update(self.step_f, self.fake, s.max_grad_norm_fake, "f"))
+
+        sums["x0_abs_mean"] = float(torch.stack([p.float().abs().mean() for p in particles]).mean())
+        sums["loss"] = sums["loss_generator"]
+        sums["lr"] = sums["lr_generator"]
+        return sums
+
+    @staticmethod
+    def _update(stepper: "GradientStep", model: nn.Module, max_norm: float, which: str) -> dict[str, float]:
+        name = {"g": "generator", "f": "fake"}[which]
+        norm = clip_gradients(model, stepper.params, max_norm)
+        finite = math.isfinite(norm)
+        if not finite:  # skip this network's update (the scheduler still advances)
+            log.warning("stage1: non-finite %s gradient; update skipped", name)
+            for p in stepper.params:
+                p.grad = None
+        lr = stepper.step()["lr"]
+        return {f"grad_norm_{which}": norm, f"lr_{name}": lr, f"{which}_skipped": 0.0 if finite else 1.0}

@@ -11,19 +11,15 @@ Models (PAPER.md, "Stage 1")
     * **generator** G — :func:`geco.models.generator.make_generator`: a copy of the teacher's UNet
       (or ``models.generator.pretrained``), trained in float32 whatever the teacher's dtype;
     * **fake score** — :func:`geco.distill.vsd.make_fake_score`: a LoRA adapter on a module sharing
-      the teacher's base tensors (``stage1.fake_score: lora``, the default) or a full UNet copy.
+      the teacher's base tensors (``stage1.fake_score: lora``, the default) or a full UNet copy (the
+      paper; ``configs/paper.yaml``).
 
-One optimiser step (:meth:`VSDTask.train_step`; the semantics of :class:`geco.distill.vsd.VSDStep`)
-    1. generator update: for each micro-batch, ``x0 = G(cond, z)``, ``t ~ U[t_min, t_max]·1000``,
-       loss ``0.5·‖x0 − sg(x0 − (ε_teacher(CFG teacher_cfg) − ε_fake(CFG fake_cfg)))‖² / B``
-       (:func:`~geco.distill.vsd.generator_loss`), plus ``regression_weight ×`` (MSE + LPIPS) against
-       the teacher's sample from the same saved noise when the regression term is on; gradient
-       accumulation over the micro-batches, clipping, Adam(W) step, LR scheduler step;
-    2. ``fake_steps`` fake-score updates: the v-prediction diffusion loss on the detached outputs
-       of step 1 (same particles, own t and noise), with its own optimiser and scheduler.
-    Every random number of a step comes from a CPU ``torch.Generator`` seeded by (seed, rank, step),
-    so a resumed run draws exactly what an uninterrupted one would. A step whose gradient norm is
-    not finite is skipped for that network (``g_skipped`` / ``f_skipped``).
+One optimiser step: :class:`geco.distill.vsd.VSDStep` (the generator update, then ``fake_steps``
+    fake-score updates; its docstring and the module's say what each computes). This task owns what
+    is around it: the models, the two Adam(W) optimisers (``lr_generator`` / ``betas_generator``,
+    ``lr_fake`` / ``betas_fake``), their LR schedules, DDP/FSDP wrapping, and the CPU
+    ``torch.Generator`` seeded by (seed, rank, step) that every random number of a step comes from,
+    so a resumed run draws exactly what an uninterrupted one would.
 
 Checkpoints (through the glue, :mod:`geco.train.checkpoint`)
     ``models/generator.safetensors`` (the generator's UNet), ``models/fake_score.safetensors`` (the
@@ -85,6 +81,10 @@ __all__ = ["LoraAdapterState", "VSDTask", "resolve_sources", "resolve_reconstruc
 # Device types on which stage1.fsdp shards the generator (Ray Train's prepare_model refuses FSDP
 # without CUDA; tests add "cpu" to run the FSDP code path in one process)
 FSDP_DEVICE_TYPES = {"cuda"}
+
+# Below this lr_fake a LoRA fake score is warned about: at 1e-6 (a full copy's rate, the paper's) 30
+# Adam steps changed a rank-4 LoRA's output 1,200-1,900x less than a full copy's (small UNets)
+_LORA_MIN_LR_FAKE = 1e-4
 
 # TeacherConfig fields that change how the teacher is used, not its weights
 _TEACHER_RUNTIME_FIELDS = {"guidance_scale", "num_inference_steps", "sampler", "timestep_spacing", "cond_latent",
@@ -288,51 +288,6 @@ class _FullOptimizerState:
 
 
 # ================================================================================================
-# The modules DDP / FSDP wrap
-# ================================================================================================
-class _GeneratorLoss(nn.Module):
-    """Registers the generator only (its UNet is what DDP/FSDP synchronises); the teacher, the fake
-    score and LPIPS are plain references. One forward = the whole generator objective."""
-
-    def __init__(self, generator, teacher, fake_score, settings, lpips=None):
-        super().__init__()
-        self.generator = generator
-        object.__setattr__(self, "_refs", (teacher, fake_score, lpips))
-        self.settings = settings
-
-    def forward(self, cond, z, t, noise, cond_noise, reg_z=None, reg_target=None) -> dict[str, Any]:
-        from geco.distill.vsd import generator_loss, regression_loss
-
-        teacher, fake, lpips = self._refs
-        s = self.settings
-        x0 = self.generator(cond, z)
-        loss, stats = generator_loss(teacher, fake, x0, cond, t, noise, s.teacher_cfg, s.fake_cfg,
-                                     cond_noise=cond_noise)
-        total = loss
-        if reg_z is not None:
-            images = teacher.decode_latents(self.generator(cond, reg_z), clamp=False)
-            lpips_w = s.regression_lpips_weight if lpips is not None else 0.0
-            loss_r, st = regression_loss(images, reg_target, lpips, s.regression_mse_weight, lpips_w)
-            stats.update(st)
-            total = total + s.regression_weight * loss_r
-        return {"loss": total, "x0": x0.detach(), "stats": stats}
-
-
-class _FakeLoss(nn.Module):
-    """Registers the fake score (in LoRA mode its frozen base is the teacher's: excluded from DDP)."""
-
-    def __init__(self, fake_score, teacher):
-        super().__init__()
-        self.fake = fake_score
-        object.__setattr__(self, "_teacher", teacher)
-
-    def forward(self, x0, cond, t, noise, cond_noise) -> torch.Tensor:
-        from geco.distill.vsd import fake_score_loss
-
-        return fake_score_loss(self._teacher, self.fake, x0, cond, t, noise, cond_noise=cond_noise)
-
-
-# ================================================================================================
 # The task
 # ================================================================================================
 def _seed(*parts: Any) -> int:
@@ -362,7 +317,13 @@ class VSDTask(TrainTask):
 
     # -- construction --------------------------------------------------------------------------
     def __init__(self, cfg, job, ctx: WorkerContext):
-        from geco.distill.vsd import make_fake_score, set_gradient_checkpointing
+        from geco.distill.vsd import (
+            FakeScoreObjective,
+            GeneratorObjective,
+            VSDStep,
+            make_fake_score,
+            set_gradient_checkpointing,
+        )
         from geco.models.generator import make_generator
         from geco.models.teacher import make_teacher
 
@@ -374,6 +335,10 @@ class VSDTask(TrainTask):
         if s.fake_cfg != 1.0 and s.fake_drop_cond_prob == 0.0:
             log.warning("stage1.fake_cfg=%s but stage1.fake_drop_cond_prob=0: the fake score never learns the "
                         "unconditional branch its guidance uses", s.fake_cfg)
+        if s.fake_score == "lora" and s.lr_fake < _LORA_MIN_LR_FAKE:
+            log.warning("stage1.fake_score=lora with lr_fake=%g: a LoRA adapter at this rate barely moves, so the "
+                        "fake score stays at the teacher (eval/loss_fake does not fall); use fake_score=full or a "
+                        "larger lr_fake (configs/local.yaml: rank 8 at 1e-3)", s.lr_fake)
         teacher = make_teacher(cfg.models.teacher)
         teacher.requires_grad_(False)
         teacher.eval()
@@ -411,9 +376,9 @@ class VSDTask(TrainTask):
         # FSDP: rank 0 evaluates a full copy on the CPU; its initial weights, taken before sharding
         init_state = ({k: v.detach().to("cpu", copy=True) for k, v in generator.unet.state_dict().items()}
                       if fsdp and ctx.is_main else None)
-        self.gen_model = self._wrap(_GeneratorLoss(generator, teacher, fake, s, self.lpips),
+        self.gen_model = self._wrap(GeneratorObjective(generator, teacher, fake, s, self.lpips),
                                     "fsdp" if fsdp else "ddp")
-        fake_loss = _FakeLoss(fake, teacher)
+        fake_loss = FakeScoreObjective(fake, teacher, s)
         if s.fake_score == "lora":  # the shared frozen base: no broadcast, no buckets
             frozen = [n for n, p in fake_loss.named_parameters() if not p.requires_grad]
             frozen += [n for n, _ in fake_loss.named_buffers()]
@@ -435,12 +400,13 @@ class VSDTask(TrainTask):
         self.sched_f = make_lr_scheduler(self.opt_f, schedule=job.lr_schedule,
                                          warmup_steps=job.lr_warmup_steps * s.fake_steps,
                                          total_steps=job.steps * s.fake_steps, min_ratio=job.lr_min_ratio)
-        common = {"accumulation": job.grad_accumulation, "device": ctx.device, "mixed_precision": ctx.mixed_precision}
-        # FSDP: clip through FSDP (a global norm over the shards), not per rank
-        self.step_g = GradientStep(self.params_g, self.opt_g, self.sched_g,
-                                   max_grad_norm=0.0 if self.fsdp else job.max_grad_norm, **common)
-        self.step_f = GradientStep(self.params_f, self.opt_f, self.sched_f,
-                                   max_grad_norm=0.0 if self.fake_fsdp else job.max_grad_norm, **common)
+        # the steppers never clip: the step does, per network (through FSDP when sharded: a global norm)
+        common = {"accumulation": job.grad_accumulation, "device": ctx.device, "mixed_precision": ctx.mixed_precision,
+                  "max_grad_norm": 0.0}
+        self.step_g = GradientStep(self.params_g, self.opt_g, self.sched_g, **common)
+        self.step_f = GradientStep(self.params_f, self.opt_f, self.sched_f, **common)
+        self.vsd_step = VSDStep(teacher, self.gen_model, self.fake_model, self.step_g, self.step_f, s,
+                                regression_pairs=self._regression_pairs)
 
         # checkpoint views
         if self.fsdp:
@@ -536,59 +502,10 @@ class VSDTask(TrainTask):
         return torch.cat(zs).to(dev), images
 
     def train_step(self, micro_batches: list[dict], step: int, plan: StepPlan = StepPlan()) -> dict[str, float]:
-        from geco.distill.vsd import sample_timesteps
-
-        s, teacher, job = self.s1, self.teacher, self.job
-        gen = torch.Generator().manual_seed(_seed("stage1", job.seed, self.ctx.rank, step))
-        n_t = teacher.num_train_timesteps
-        dev = self.ctx.device
-        sums: dict[str, float] = {}
-
-        def add(k: str, v: float, n: int) -> None:
-            sums[k] = sums.get(k, 0.0) + float(v) / n
-
-        # -- (1) generator update ------------------------------------------------------------------
-        conds, particles = [], []
-        n = len(micro_batches)
-        for i, mb in enumerate(micro_batches):
-            cond = teacher.encode_condition(mb["cond"], generator=gen)
-            b = cond.batch_size
-            z = self._randn(teacher.latent_shape(b), gen)
-            t = sample_timesteps(b, gen, s.t_min, s.t_max, n_t, device=dev)
-            noise = self._randn(teacher.latent_shape(b), gen)
-            cond_noise = self._randn((b, *cond.cond_lat.shape[1:]), gen)
-            reg_z = reg_target = None
-            if s.regression_weight > 0:
-                reg_z, reg_target = self._regression_pairs(mb["keys"], cond)
-            with self.step_g.micro(self.gen_model, i):
-                out = self.gen_model(cond, z, t, noise, cond_noise, reg_z, reg_target)
-                self.step_g.backward(out["loss"])
-            conds.append(cond)
-            particles.append(out["x0"])
-            add("loss_generator", out["loss"].detach(), n)
-            for k, v in out["stats"].items():
-                add(k, v, n)
-        sums.update(self._optimizer_step(self.step_g, self.gen_model, self.params_g, self.fsdp, "g"))
-
-        # -- (2) fake-score update(s) on the same particles -------------------------------------
-        for _ in range(s.fake_steps):
-            for i, (cond, x0) in enumerate(zip(conds, particles)):
-                b = x0.shape[0]
-                t_f = sample_timesteps(b, gen, s.t_min, s.t_max, n_t, device=dev)
-                noise_f = self._randn(tuple(x0.shape), gen)
-                cond_noise_f = self._randn((b, *cond.cond_lat.shape[1:]), gen)
-                if s.fake_drop_cond_prob > 0:
-                    drop = torch.rand(b, generator=gen) < s.fake_drop_cond_prob
-                    cond = cond.where(drop.to(dev), cond.uncond())
-                with self.step_f.micro(self.fake_model, i):
-                    loss_f = self.fake_model(x0, cond, t_f, noise_f, cond_noise_f)
-                    self.step_f.backward(loss_f)
-                add("loss_fake", loss_f.detach(), n * s.fake_steps)
-            sums.update(self._optimizer_step(self.step_f, self.fake_model, self.params_f, self.fake_fsdp, "f"))
-
-        sums["x0_abs_mean"] = float(torch.stack([p.abs().mean() for p in particles]).mean())
-        sums["loss"] = sums["loss_generator"]
-        sums["lr"] = sums["lr_generator"]
+        """:class:`geco.distill.vsd.VSDStep` with a generator seeded by (seed, rank, step); then, under
+        FSDP, the full states gathered where ``plan`` says the glue checkpoints or evaluates."""
+        gen = torch.Generator().manual_seed(_seed("stage1", self.job.seed, self.ctx.rank, step))
+        sums = self.vsd_step(micro_batches, gen)
 
         # FSDP: gather the full state on every rank where the glue will checkpoint or evaluate
         if self.fsdp or self.fake_fsdp:
@@ -609,22 +526,6 @@ class VSDTask(TrainTask):
     def _fsdp_views(self) -> list:
         views = [self._gen_state, self._gen_opt_state] if self.fsdp else []
         return views + ([self._fake_state, self._fake_opt_state] if self.fake_fsdp else [])
-
-    def _optimizer_step(self, stepper: GradientStep, model: nn.Module, params: list, fsdp: bool,
-                        which: str) -> dict[str, float]:
-        name = {"g": "generator", "f": "fake"}[which]
-        fsdp_norm = None
-        if fsdp and self.job.max_grad_norm > 0:
-            fsdp_norm = float(model.clip_grad_norm_(self.job.max_grad_norm))
-        finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
-        if not finite:  # skip this network's update (the scheduler still advances)
-            log.warning("stage1: non-finite %s gradient; update skipped", name)
-            for p in params:
-                p.grad = None
-        stats = stepper.step()
-        norm = fsdp_norm if fsdp_norm is not None else stats["grad_norm"]
-        return {f"grad_norm_{which}": norm if finite else float("nan"), f"lr_{name}": stats["lr"],
-                f"{which}_skipped": 0.0 if finite else 1.0}
 
     # -- evaluation ----------------------------------------------------------------------------
     def _eval_gen(self):
@@ -683,9 +584,10 @@ class VSDTask(TrainTask):
 
     @torch.no_grad()
     def _eval_fake_loss(self, x0: torch.Tensor, cond, num_t: int = 8) -> float:
-        """The fake score's diffusion loss on the generator's held-out outputs at ``num_t`` evenly
-        spaced timesteps in [t_min, t_max], with fixed noise: how well it models the generator's
-        distribution (the per-step training loss draws t at random and is too noisy to compare)."""
+        """The fake score's diffusion loss (``stage1.fake_loss``, as trained) on the generator's
+        held-out outputs at ``num_t`` evenly spaced timesteps in [t_min, t_max], with fixed noise: how
+        well it models the generator's distribution (the per-step training loss draws t at random and
+        is too noisy to compare)."""
         from geco.distill.vsd import fake_score_loss
         from geco.models.teacher import _randn
 
@@ -699,7 +601,7 @@ class VSDTask(TrainTask):
                 noise = _randn(x0.shape, g, x0.device)
                 cond_noise = _randn((b, *cond.cond_lat.shape[1:]), g, x0.device)
                 losses.append(float(fake_score_loss(self.teacher, self.fake, x0, cond, t.expand(b).to(x0.device),
-                                                    noise, cond_noise=cond_noise)))
+                                                    noise, target=s.fake_loss, cond_noise=cond_noise)))
         finally:
             self.fake.unet.train(was_training)
         return sum(losses) / len(losses)

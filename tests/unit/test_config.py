@@ -55,7 +55,7 @@ def test_paper_config_trains_at_paper_scale():
     cfg = load_config("configs/paper.yaml")
     s1 = cfg.stage1
     assert (s1.train.steps, s1.lr_generator, s1.lr_fake, s1.teacher_cfg, s1.fake_cfg) == (5000, 1e-6, 1e-6, 4.0, 1.0)
-    assert (s1.t_min, s1.t_max, s1.train.lr_schedule, s1.fake_score) == (0.02, 0.98, "constant", "lora")
+    assert (s1.t_min, s1.t_max, s1.train.lr_schedule, s1.fake_score) == (0.02, 0.98, "constant", "full")
     for job in (s1.train, cfg.pretrain.teacher, cfg.pretrain.reconstructor):
         assert job.use_gpu and job.wait_for_resources and job.mixed_precision == "bf16" and job.gradient_checkpointing
         assert job.storage_path.startswith("s3://")

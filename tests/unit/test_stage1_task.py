@@ -104,6 +104,34 @@ def test_lora_step_keeps_teacher_and_checkpoint_holds_only_the_adapter(tmp_path)
     assert type(task).config_hash(load_config(None, TINY + ["stage1.fake_score=full"]), job) != h
 
 
+def test_per_network_optimiser_settings_and_the_job_settings_stage1_rejects():
+    from geco.config import ConfigError
+
+    task, cfg = _task("stage1.betas_generator=[0.0,0.99]", "stage1.max_grad_norm_generator=2.5")
+    assert task.opt_g.param_groups[0]["betas"] == (0.0, 0.99) and task.opt_f.param_groups[0]["betas"] == (0.9, 0.999)
+    assert task.vsd_step.settings.max_grad_norm_generator == 2.5
+    assert task.step_g.max_grad_norm == task.step_f.max_grad_norm == 0.0  # the step clips, per network
+    # stage 1 has one learning rate, betas and clipping per network: the job's single ones are errors
+    for key, points_at in (("lr=1e-4", "stage1.lr_generator"), ("adam_betas=[0.9,0.99]", "stage1.betas_generator"),
+                           ("max_grad_norm=1.0", "stage1.max_grad_norm_generator")):
+        with pytest.raises(ConfigError, match=points_at):
+            load_config(None, TINY + [f"stage1.train.{key}"])
+    dumped = cfg.model_dump(mode="json")["stage1"]["train"]
+    assert not {"lr", "adam_betas", "max_grad_norm"} & set(dumped)  # a dumped config loads again
+    assert type(cfg).model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_paper_config_makes_the_authors_stage1_choices():
+    """configs/paper.yaml: a full fake-score copy at lr 1e-6, no generator clipping, the eps fake loss,
+    the authors' generator betas (0, 0.99)."""
+    from pathlib import Path
+
+    s = load_config(Path(__file__).parents[2] / "configs" / "paper.yaml").stage1
+    assert (s.fake_score, s.lr_fake, s.lr_generator) == ("full", 1e-6, 1e-6)
+    assert s.max_grad_norm_generator == 0.0 and s.max_grad_norm_fake == 0.0 and s.fake_loss == "eps"
+    assert s.betas_generator == (0.0, 0.99) and s.betas_fake == (0.9, 0.999)
+
+
 def test_full_fake_score_with_regression_and_fake_steps():
     task, _ = _task("stage1.fake_score=full", "stage1.regression_weight=1.0", "stage1.regression_teacher_steps=2",
                     "stage1.fake_steps=2", "stage1.train.grad_accumulation=1")

@@ -11,11 +11,11 @@ import warnings
 import pytest
 import torch
 
-from geco.config import GeneratorConfig, TeacherConfig
+from geco.config import GeneratorConfig, Stage1Config, TeacherConfig
 from geco.distill.vsd import (
     FakeScore,
-    RegressionBatch,
-    VSDSettings,
+    FakeScoreObjective,
+    GeneratorObjective,
     VSDStep,
     estimate_stage1_memory,
     fake_score_loss,
@@ -24,11 +24,13 @@ from geco.distill.vsd import (
     predict_eps,
     regression_loss,
     sample_timesteps,
+    set_gradient_checkpointing,
     vsd_gradient,
 )
 from geco.models.generator import OneStepGenerator
 from geco.models.lpips import LPIPSLoss, LPIPSUnavailableWarning
 from geco.models.teacher import build_tiny_teacher
+from geco.train.loop import GradientStep, make_adamw
 
 TILE = 16
 CFG = TeacherConfig(tile_size=TILE, cond_size=TILE, num_inference_steps=2)
@@ -64,6 +66,22 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _step(teacher, gen, fake, *, lpips=None, regression_pairs=None, optimizer_g=None, **settings) -> VSDStep:
+    """The one stage-1 step around plain (unwrapped) models, with Adam(W) per network as VSDTask
+    builds them; ``settings`` are Stage1Config fields."""
+    s = Stage1Config(**settings)
+    gen_obj = GeneratorObjective(gen, teacher, fake, s, lpips)
+    fake_obj = FakeScoreObjective(fake, teacher, s)
+    opt_g = optimizer_g or make_adamw(gen.unet.parameters(), lr=s.lr_generator, betas=s.betas_generator)
+    opt_f = make_adamw(fake.trainable_parameters(), lr=s.lr_fake, betas=s.betas_fake)
+    return VSDStep(teacher, gen_obj, fake_obj, GradientStep(gen.unet.parameters(), opt_g),
+                   GradientStep(fake.trainable_parameters(), opt_f), s, regression_pairs=regression_pairs)
+
+
+def _cond_batch(b=2, seed=1) -> dict:
+    return {"cond": torch.rand(b, 3, TILE, TILE, generator=_gen(seed)), "keys": [f"obj{i}" for i in range(b)]}
 
 
 def _fixed_inputs(teacher, cond, b=2, seed=10):
@@ -300,7 +318,7 @@ def test_fake_score_loss_decreases_on_fixed_generator_outputs(teacher, cond):
     assert end < 0.9 * start, (start, end)  # 0.529 -> 0.430 here
 
 
-def test_vsd_loop_end_to_end(teacher, cond):
+def test_vsd_loop_end_to_end(teacher):
     """~20 alternating steps: the generator and the LoRA change, the teacher (and the shared base)
     do not, every statistic is finite."""
     gen = OneStepGenerator.from_teacher(teacher, GeneratorConfig())
@@ -308,24 +326,21 @@ def test_vsd_loop_end_to_end(teacher, cond):
     teacher_state = _snapshot(teacher.unet)
     gen_state = _snapshot(gen.unet)
     lora_before = {k: v.clone() for k, v in fake.trainable_state_dict().items()}
-    step = VSDStep(teacher, gen, fake, VSDSettings(lr_generator=1e-4, lr_fake=1e-3, betas_generator=(0.0, 0.99)))
+    step = _step(teacher, gen, fake, lr_generator=1e-4, lr_fake=1e-3, betas_generator=(0.0, 0.99))
     g = _gen(40)
-    history = [step(cond, generator=g) for _ in range(20)]
+    history = [step([_cond_batch()], g) for _ in range(20)]
     for st in history:
         for k in ("loss_vsd", "loss_fake", "grad_norm_g", "grad_norm_f", "vsd_grad_abs_mean", "t_mean"):
             assert math.isfinite(st[k]), (k, st)
         assert 20 <= st["t_mean"] <= 980 and st["g_skipped"] == 0 and st["f_skipped"] == 0
-    assert history[-1]["step"] == 20
     assert history[0]["grad_norm_g"] > 0 and history[0]["grad_norm_f"] > 0
     assert _same(teacher_state, _snapshot(teacher.unet))  # teacher (incl. the shared LoRA base) untouched
     assert not _same(gen_state, _snapshot(gen.unet))
     lora_after = fake.trainable_state_dict()
     assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
-    assert step.optimizer_g.param_groups[0]["betas"] == (0.0, 0.99)
-    assert step.optimizer_f.param_groups[0]["betas"] == (0.9, 0.999)
 
 
-def test_gradient_checkpointing_gives_the_same_step(teacher, cond):
+def test_gradient_checkpointing_gives_the_same_step(teacher):
     """Checkpointing (generator and LoRA fake score) recomputes with the same reference-attention mode
     and adapter state: one step matches the step without it."""
     results = []
@@ -333,13 +348,134 @@ def test_gradient_checkpointing_gives_the_same_step(teacher, cond):
         gen = OneStepGenerator.from_teacher(teacher, GeneratorConfig())
         fake = make_fake_score(teacher, "lora")
         _perturb_lora(fake)
-        step = VSDStep(teacher, gen, fake, VSDSettings(lr_generator=1e-4, lr_fake=1e-3, gradient_checkpointing=ckpt))
+        set_gradient_checkpointing(gen.unet, ckpt)
+        set_gradient_checkpointing(fake.unet, ckpt)
+        step = _step(teacher, gen, fake, lr_generator=1e-4, lr_fake=1e-3)
         assert gen.unet.is_gradient_checkpointing == ckpt and fake.unet.is_gradient_checkpointing == ckpt
         assert not teacher.unet.is_gradient_checkpointing
-        results.append(step(cond, generator=_gen(50)))
+        results.append(step([_cond_batch()], _gen(50)))
     a, b = results
     for k in ("loss_vsd", "loss_fake", "grad_norm_g", "grad_norm_f"):
         assert math.isclose(a[k], b[k], rel_tol=1e-4), (k, a[k], b[k])
+
+
+def test_fake_score_loss_eps_target_by_hand(teacher, cond):
+    """The default fake-score loss is the authors' eps-MSE, eps = sigma x_t + alpha v (the fake
+    score's v output converted); per sample it is alpha_bar_t times the v-MSE (the v option)."""
+    fake = make_fake_score(teacher, "lora")
+    _perturb_lora(fake)
+    x0, noise, cond_noise, t = _fixed_inputs(teacher, cond)
+    with torch.no_grad():
+        x_t = teacher.add_noise(x0, noise, t)
+        v = teacher.predict_v(x_t, t, cond, cond_noise=cond_noise, unet=fake.unet)
+        abar = teacher.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        eps_hat = s * x_t + a * v
+        by_hand = float(((eps_hat - noise) ** 2).mean())
+        v_target = a * noise - s * x0
+        v_by_hand = float(((v - v_target) ** 2).mean())
+        eps = fake_score_loss(teacher, fake, x0, cond, t, noise, cond_noise=cond_noise)  # the default
+        v_loss = fake_score_loss(teacher, fake, x0, cond, t, noise, target="v", cond_noise=cond_noise)
+    assert math.isclose(float(eps), by_hand, rel_tol=1e-5)
+    assert math.isclose(float(v_loss), v_by_hand, rel_tol=1e-5)
+    for i in range(2):  # per sample: eps loss = alpha_bar_t * v loss
+        sl = slice(i, i + 1)
+        with torch.no_grad():
+            e_i = fake_score_loss(teacher, fake, x0[sl], cond[i], t[sl], noise[sl], cond_noise=cond_noise[sl])
+            v_i = fake_score_loss(teacher, fake, x0[sl], cond[i], t[sl], noise[sl], target="v",
+                                  cond_noise=cond_noise[sl])
+        assert math.isclose(float(e_i), float(abar[i]) * float(v_i), rel_tol=1e-4)
+    assert Stage1Config().fake_loss == "eps"
+    assert FakeScoreObjective(fake, teacher, Stage1Config(fake_loss="v")).target == "v"
+    with pytest.raises(ValueError, match="eps"):
+        fake_score_loss(teacher, fake, x0, cond, t, noise, target="x0")
+
+
+def test_vsd_gradient_difference_is_fp32_under_bf16_autocast(teacher, cond):
+    """Under bf16 autocast the UNets compute in bf16, but g = eps_teacher - eps_fake is formed from
+    the predictions cast to float32 (CFG, eps conversion and difference in float32): exactly the
+    float32 difference of the autocast predictions, not a bf16 one."""
+    fake = make_fake_score(teacher, "lora")
+    _perturb_lora(fake)
+    x0, noise, cond_noise, t = _fixed_inputs(teacher, cond)
+    x_t = teacher.add_noise(x0, noise, t)
+    with torch.no_grad():
+        v_t32 = teacher.predict_v(x_t, t, cond, guidance_scale=4.0, cond_noise=cond_noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v_t = teacher.predict_v(x_t, t, cond, guidance_scale=4.0, cond_noise=cond_noise)
+            v_f = teacher.predict_v(x_t, t, cond, cond_noise=cond_noise, unet=fake.unet)
+            g, parts = vsd_gradient(teacher, fake, x0, cond, t, noise, cond_noise=cond_noise)
+    assert not torch.equal(v_t, v_t32)  # autocast is on: the UNet ran in bf16
+    a, s = teacher.alpha_sigma(t, x_t)
+    eps_t, eps_f = s * x_t + a * v_t.float(), s * x_t + a * v_f.float()
+    assert g.dtype == parts["eps_teacher"].dtype == parts["eps_fake"].dtype == torch.float32
+    torch.testing.assert_close(g, eps_t - eps_f, rtol=0, atol=0)
+    g16 = (eps_t.bfloat16() - eps_f.bfloat16()).float()
+    assert not torch.equal(g, g16)  # what a bf16 difference would have given
+
+
+def test_vsd_gradient_zeroes_nan_and_inf(teacher, cond, monkeypatch):
+    """The authors' nan_to_num: NaN/inf in the teacher-minus-fake difference become 0, the rest is
+    kept, and the generator's gradient stays finite."""
+    fake = make_fake_score(teacher, "lora")
+    _perturb_lora(fake)
+    x0, noise, cond_noise, t = _fixed_inputs(teacher, cond)
+    g_ok, _ = vsd_gradient(teacher, fake, x0, cond, t, noise, cond_noise=cond_noise)
+    predict_v = teacher.predict_v
+
+    def broken(x_t, tt, c, *args, unet=None, **kw):
+        v = predict_v(x_t, tt, c, *args, unet=unet, **kw)
+        if unet is None:  # the teacher's prediction
+            v = v.clone()
+            v[0, 0, 0, 0], v[1, 1, 2, 3], v[1, 2, 0, 1] = float("nan"), float("inf"), float("-inf")
+        return v
+
+    monkeypatch.setattr(teacher, "predict_v", broken)
+    g, _ = vsd_gradient(teacher, fake, x0, cond, t, noise, cond_noise=cond_noise)
+    assert torch.isfinite(g).all()
+    bad = torch.zeros_like(g, dtype=torch.bool)
+    bad[0, 0, 0, 0] = bad[1, 1, 2, 3] = bad[1, 2, 0, 1] = True
+    assert (g[bad] == 0).all() and torch.equal(g[~bad], g_ok[~bad])
+    x = x0.clone().requires_grad_(True)
+    loss, _ = generator_loss(teacher, fake, x, cond, t, noise, cond_noise=cond_noise)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5])
+def test_generator_gradient_is_clipped_only_when_asked(teacher, max_norm):
+    """With SGD at lr 1 the generator's update is minus its gradient: unclipped (the default, the
+    authors' code) its norm is the logged pre-clip norm; with max_grad_norm_generator it is that."""
+    gen = OneStepGenerator.from_teacher(teacher, GeneratorConfig())
+    fake = make_fake_score(teacher, "lora")
+    before = [p.detach().clone() for p in gen.unet.parameters()]
+    sgd = torch.optim.SGD(gen.unet.parameters(), lr=1.0)
+    settings = {"max_grad_norm_generator": max_norm} if max_norm else {}
+    st = _step(teacher, gen, fake, optimizer_g=sgd, **settings)([_cond_batch()], _gen(80))
+    step_norm = float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.detach() - b) for p, b in zip(gen.unet.parameters(), before)])))
+    assert st["grad_norm_g"] > 1.0  # the pre-clip norm, larger than any limit tested here
+    assert math.isclose(step_norm, max_norm or st["grad_norm_g"], rel_tol=1e-3), (step_norm, st["grad_norm_g"])
+    assert Stage1Config().max_grad_norm_generator == 0.0
+
+
+def test_non_finite_generator_gradient_skips_its_update(teacher):
+    gen = OneStepGenerator.from_teacher(teacher, GeneratorConfig())
+    fake = make_fake_score(teacher, "lora")
+    step = _step(teacher, gen, fake, lr_generator=1e-3, lr_fake=1e-3)
+    objective = step.generator
+
+    def poisoned(*args):
+        out = objective(*args)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+    step.generator = poisoned
+    before = _snapshot(gen.unet)
+    lora_before = {k: v.clone() for k, v in fake.trainable_state_dict().items()}
+    st = step([_cond_batch()], _gen(81))
+    assert st["g_skipped"] == 1.0 and st["f_skipped"] == 0.0 and not math.isfinite(st["grad_norm_g"])
+    assert _same(before, _snapshot(gen.unet))
+    assert any(not torch.equal(lora_before[k], v) for k, v in fake.trainable_state_dict().items())
 
 
 def test_regression_loss_skips_lpips_when_unavailable():
@@ -366,14 +502,24 @@ def test_regression_loss_skips_lpips_when_unavailable():
         regression_loss(pred, target[:1])
 
 
-def test_vsd_step_with_a_regression_batch(teacher, cond):
+def test_vsd_step_with_a_regression_batch(teacher):
     gen = OneStepGenerator.from_teacher(teacher, GeneratorConfig())
     fake = make_fake_score(teacher, "lora")
     z = gen.sample_noise(2, 70)
     teacher_images = torch.rand(2, 3, 3 * TILE, 2 * TILE, generator=_gen(71))
-    step = VSDStep(teacher, gen, fake, VSDSettings(lr_generator=1e-4), lpips=lambda a, b: (a - b).abs().mean())
-    st = step(cond, generator=_gen(72), regression=RegressionBatch(cond, z, teacher_images))
+    asked = []
+
+    def pairs(keys, cond):
+        asked.append(list(keys))
+        return z, teacher_images
+
+    step = _step(teacher, gen, fake, lr_generator=1e-4, regression_weight=1.0, regression_pairs=pairs,
+                 lpips=lambda a, b: (a - b).abs().mean())
+    st = step([_cond_batch()], _gen(72))
     assert math.isfinite(st["loss_reg"]) and "reg_lpips" in st and st["g_skipped"] == 0
+    assert st["loss_generator"] > st["loss_vsd"] and asked == [["obj0", "obj1"]]
+    with pytest.raises(ValueError, match="regression_pairs"):
+        _step(teacher, gen, fake, regression_weight=1.0)
 
 
 def test_memory_estimate():
