@@ -314,9 +314,9 @@ def _sync(device: torch.device) -> None:
 def reconstructor_cameras(reconstructor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K [6, 3, 3] in pixels of ``tile``-sized views and c2w [6, 4, 4] of the six Zero123++ views
     as the reconstructor is told they were taken."""
-    from geco.models.reconstructor import zero123_input_cameras
+    from geco.models.reconstructors import input_cameras
 
-    K, c2w = zero123_input_cameras(reconstructor.cfg)
+    K, c2w = input_cameras(reconstructor.cfg)
     K = K.clone()
     K[:, :2, :] *= tile / reconstructor.input_size
     return K, c2w
@@ -382,7 +382,7 @@ def render_turntable(gaussians, frames: int = 24, size: int = 256, elevation: fl
                      chunk: int = 8) -> list[np.ndarray]:
     """Render unbatched Gaussians on an orbit (azimuths 0, 360/frames, ...) -> uint8 frames."""
     from geco.cameras import Camera
-    from geco.models.reconstructor import render_gaussians
+    from geco.render.splat import render_gaussians
 
     cams = [Camera("random", size, size, fov_deg, radius, 360.0 * i / frames, elevation) for i in range(frames)]
     dev = gaussians.means.device

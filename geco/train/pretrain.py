@@ -258,7 +258,7 @@ class ReconstructorPretrainTask(TrainTask):
         return config_hash(cls.name, _models_section(cfg.models.reconstructor, _RECON_RUNTIME_FIELDS))
 
     def __init__(self, cfg, job, ctx: WorkerContext):
-        from geco.models.reconstructor import build_reconstructor
+        from geco.models.reconstructors import build_reconstructor
 
         super().__init__(cfg, job, ctx)
         rcfg = cfg.models.reconstructor
@@ -302,7 +302,7 @@ class ReconstructorPretrainTask(TrainTask):
         return {"lr": self.scheduler}
 
     def prepare(self, rows: list[dict], training: bool = True) -> dict[str, Any]:
-        from geco.models.reconstructor import zero123_input_cameras
+        from geco.models.reconstructors import input_cameras
 
         rcfg = self.cfg.models.reconstructor
         bg = (rcfg.background,) * 3
@@ -312,7 +312,7 @@ class ReconstructorPretrainTask(TrainTask):
         for s in samples:
             z = s["zero123"]
             images.append(z["rgb"])
-            K, c2w = zero123_input_cameras(rcfg, float(s["cameras"][0].get("azimuth_deg", 0.0)))
+            K, c2w = input_cameras(rcfg, float(s["cameras"][0].get("azimuth_deg", 0.0)))
             Ks.append(K)
             c2ws.append(c2w)
             groups = [s["random"]] if "random" in s else []
@@ -373,7 +373,7 @@ class ReconstructorPretrainTask(TrainTask):
         return EvalResult(metrics, {"renders": vstack_images(rows)})
 
     def export(self, output_uri: str) -> dict[str, str]:
-        from geco.models.reconstructor import save_reconstructor
+        from geco.models.reconstructors import save_reconstructor
 
         uri = storage.join(output_uri, "reconstructor", "model.safetensors")
         save_reconstructor(self.recon, uri, dtype=None)
