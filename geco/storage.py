@@ -321,9 +321,9 @@ def check_readable(uri: str) -> None:
 # temporary name and renamed into place, then its meta written, so a crash never leaves a partial file
 # that looks valid. Processes sharing a cache take the lock in turn (fcntl.flock), so a second
 # process waits for the first and then finds everything cached.
-def default_cache_dir() -> Path:
-    """``$GECO_CACHE/s3`` (``~/.cache/geco/s3`` when unset)."""
-    return Path(os.environ.get("GECO_CACHE", "~/.cache/geco")).expanduser() / "s3"
+def default_cache_dir(name: str = "s3") -> Path:
+    """``$GECO_CACHE/<name>`` (``~/.cache/geco/<name>`` when unset): callers name their own corner."""
+    return Path(os.environ.get("GECO_CACHE", "~/.cache/geco")).expanduser() / name
 
 
 def _list_s3_objects(uri: str) -> dict[str, tuple[str, str, int]]:

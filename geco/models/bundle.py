@@ -327,9 +327,7 @@ def check_bundle(root: str | os.PathLike) -> dict:
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("GECO_CACHE", "~/.cache/geco")).expanduser() / "checkpoints"
+    return Path(cache_dir).expanduser() if cache_dir else storage.default_cache_dir("checkpoints")
 
 
 def _find_bundle_root(path: Path) -> Path:
@@ -351,27 +349,12 @@ def _download_s3(uri: str, cache_dir) -> Path:
         raise CheckpointError(f"no {MANIFEST} at {uri}: not a GECO checkpoint ({what}); expected layout: "
                               f"{EXPECTED_LAYOUT}")
     try:
-        manifest = json.loads(storage.read_text(manifest_uri))
+        json.loads(storage.read_text(manifest_uri))  # refuse a broken checkpoint before downloading it
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{manifest_uri}: unreadable ({e}); not a valid GECO checkpoint") from None
-    # keyed on the bundle's id too: a bundle saved again at the same prefix (same file sizes, new
-    # weights) must not be served from the cache of the old one
-    key = f"{uri}\0{manifest.get('bundle_id') or manifest.get('created', '')}"
-    root = _cache_root(cache_dir) / ("s3-" + hashlib.sha256(key.encode()).hexdigest()[:16])
-    expected = manifest.get("files") or {}
-    prefix = uri + "/"
-    keys = set(storage.listdir(uri))
-    for key in sorted(keys):
-        rel = key[len(prefix):]
-        dst = root / rel
-        if rel == MANIFEST:
-            continue
-        if dst.is_file() and rel in expected and dst.stat().st_size == expected[rel]:
-            continue  # cached copy of an immutable file
-        storage.download(key, dst)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last, as on the source
-    log.info("checkpoint %s cached in %s (%d files)", uri, root, len(keys))
+    # files are cached by ETag + size, so a bundle saved again at the same prefix is fetched afresh
+    root = storage.local_copy(uri, cache_dir=_cache_root(cache_dir))
+    log.info("checkpoint %s cached in %s", uri, root)
     return root
 
 
