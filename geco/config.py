@@ -519,6 +519,7 @@ def _format_error(source: str, err: ValidationError, model: type[BaseModel] | No
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
         msg = _unknown_field(model, tuple(e["loc"])) if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")  # our validators' messages say it all
         lines.append(f"  {loc}: {msg}{got}")
     return "\n".join(lines)
 
