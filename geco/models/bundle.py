@@ -349,11 +349,13 @@ def _download_s3(uri: str, cache_dir) -> Path:
         raise CheckpointError(f"no {MANIFEST} at {uri}: not a GECO checkpoint ({what}); expected layout: "
                               f"{EXPECTED_LAYOUT}")
     try:
-        json.loads(storage.read_text(manifest_uri))  # refuse a broken checkpoint before downloading it
+        manifest = json.loads(storage.read_text(manifest_uri))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{manifest_uri}: unreadable ({e}); not a valid GECO checkpoint") from None
-    # files are cached by ETag + size, so a bundle saved again at the same prefix is fetched afresh
-    root = storage.local_copy(uri, cache_dir=_cache_root(cache_dir))
+    # one cache folder per saved bundle (its id): a bundle saved again at the same prefix gets a new
+    # copy, and the old copy stays whole for whoever still reads it
+    key = f"{uri}\0{manifest.get('bundle_id') or manifest.get('created', '')}"
+    root = storage.local_copy(uri, cache_dir=_cache_root(cache_dir) / ("s3-" + hashlib.sha256(key.encode()).hexdigest()[:16]))
     log.info("checkpoint %s cached in %s", uri, root)
     return root
 

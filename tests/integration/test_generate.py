@@ -412,3 +412,17 @@ def test_checkpoint_through_mlflow(ckpt, images, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     rc = main(["generate", str(images["rgba"]), "--checkpoint", "models:/geco@staging", "-o", str(out)])
     assert rc == 2 and "MLflow cannot resolve" in capsys.readouterr().err
+
+
+def test_bundle_written_before_reconstructor_kinds_loads(ckpt, tmp_path):
+    """Older bundles kept LGM's architecture flat in models.reconstructor: they load, into the lgm section."""
+    old = tmp_path / "old"
+    shutil.copytree(ckpt, old)
+    manifest = json.loads((old / "geco.json").read_text())
+    rec = manifest["models"]["reconstructor"]
+    rec.update(rec.pop("lgm"))
+    del rec["kind"]
+    (old / "geco.json").write_text(json.dumps(manifest))
+    b = load_bundle(old)
+    assert b.cfg.reconstructor.kind == "lgm"
+    assert b.cfg.reconstructor.lgm == load_bundle(ckpt).cfg.reconstructor.lgm
