@@ -326,24 +326,19 @@ def default_cache_dir(name: str = "s3") -> Path:
     return Path(os.environ.get("GECO_CACHE", "~/.cache/geco")).expanduser() / name
 
 
-def _list_s3_objects(uri: str) -> dict[str, tuple[str, str, int]]:
+def _s3_objects(uri: str) -> dict[str, tuple[str, str, int]]:
     """{relative path: (full URI, etag, size)} for the object ``uri`` itself, else every object under
     the prefix ``uri/``; empty when there is neither."""
-    bucket, key = split_s3(uri)
-    if key:
+    if split_s3(uri)[1]:
         try:
-            h = s3_client().head_object(Bucket=bucket, Key=key)
-            return {basename(uri): (uri, h["ETag"].strip('"'), int(h["ContentLength"]))}
-        except Exception as e:
-            if not _is_missing(e):
-                raise
-    prefix = key.rstrip("/") + "/" if key else ""
+            st = stat(uri)
+            return {basename(uri): (uri, st["etag"], int(st["size"]))}
+        except FileNotFoundError:
+            pass
     out = {}
-    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix):]
-            if rel and not rel.endswith("/"):
-                out[rel] = (f"s3://{bucket}/{obj['Key']}", obj["ETag"].strip('"'), int(obj["Size"]))
+    for u in listdir(uri):
+        st = stat(u)
+        out[u[len(uri) + 1:]] = (u, st["etag"], int(st["size"]))
     return out
 
 
@@ -361,7 +356,7 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
             raise FileNotFoundError(f"{uri}: no such file or directory")
         return p
     uri = uri.rstrip("/")
-    objects = _list_s3_objects(uri)
+    objects = _s3_objects(uri)
     if not objects:
         raise FileNotFoundError(f"{uri}: no object and nothing under this S3 prefix")
     entry = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()

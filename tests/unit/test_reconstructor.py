@@ -550,3 +550,17 @@ def test_render_loss_gradient_reaches_unet():
         rgb.detach(), alpha.detach(), target, torch.ones_like(alpha), lpips=fake_lpips, lambda_lpips=0.0
     )
     assert "lpips" not in no_lpips and len(calls) == 1
+
+
+def test_registry_dispatches_on_kind():
+    from types import SimpleNamespace
+
+    from geco.models.reconstructors import KINDS, Reconstructor, input_cameras
+
+    assert set(KINDS) == {"lgm"}
+    model = build_reconstructor(tiny_cfg())
+    assert isinstance(model, Reconstructor) and model.input_size == 16
+    K, c2w = input_cameras(tiny_cfg())
+    assert K.shape == (6, 3, 3) and c2w.shape == (6, 4, 4)
+    with pytest.raises(ValueError, match="models.reconstructor.kind='mesh': no such reconstructor"):
+        build_reconstructor(SimpleNamespace(kind="mesh"))
