@@ -16,7 +16,7 @@ The embedded default has no downloadable teacher or reconstructor, so the ``pret
 :class:`ReconstructorPretrainTask`
     LGM-style: the 6 ground-truth Zero123++ views in (composited on the reconstructor's
     background, with the cameras the reconstructor is told at inference,
-    :func:`zero123_input_cameras`), Gaussians rendered at ``supervision_views`` views drawn
+    :func:`geco.models.reconstructors.input_cameras`), Gaussians rendered at ``supervision_views`` views drawn
     from the object's random views (and the 6 input views) and supervised with MSE on RGB and
     alpha, + LPIPS when its weights load (otherwise the term is off, with a warning).
     Evaluation: PSNR of renders vs ground truth at every view of held-out objects (also
