@@ -57,10 +57,10 @@ CPU_SIZE = [
     "teacher.tiny_layers_per_block=2", "teacher.tiny_cross_attention_dim=256", "teacher.tiny_attention_head_dim=32",
     "teacher.tiny_vae_channels=[32,64,128,128]", "teacher.tiny_clip_hidden=128", "teacher.tiny_clip_layers=4",
     "teacher.tiny_clip_image_size=64",
-    "reconstructor.input_size=64", "reconstructor.down_channels=[32,64,128,256]",
-    "reconstructor.down_attention=[false,false,true,true]", "reconstructor.up_channels=[256,128,64]",
-    "reconstructor.up_attention=[true,true,false]", "reconstructor.num_heads=4", "reconstructor.norm_groups=8",
-    "reconstructor.layers_per_block=2",
+    "reconstructor.input_size=64", "reconstructor.lgm.down_channels=[32,64,128,256]",
+    "reconstructor.lgm.down_attention=[false,false,true,true]", "reconstructor.lgm.up_channels=[256,128,64]",
+    "reconstructor.lgm.up_attention=[true,true,false]", "reconstructor.lgm.num_heads=4", "reconstructor.lgm.norm_groups=8",
+    "reconstructor.lgm.layers_per_block=2",
 ]
 QUICK_SIZE: list[str] = []  # the TINY_MODELS preset (32 px tiles)
 
@@ -180,7 +180,7 @@ def paper_size_bundle(device, dtype):
     from geco.config import GeneratorConfig, ModelsConfig, ReconstructorConfig, TeacherConfig
     from geco.models.bundle import Bundle
     from geco.models.generator import OneStepGenerator
-    from geco.models.reconstructor import build_reconstructor
+    from geco.models.reconstructors import build_reconstructor
     from geco.models.teacher import (
         CLIP_MEAN,
         CLIP_STD,

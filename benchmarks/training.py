@@ -83,10 +83,10 @@ def make_config(dataset_uri: str, workdir: Path, batch_size: int, steps: int, pr
 
     return load_config(None, [
         f"dataset.uri={dataset_uri}", "tracking.enabled=false", "name=bench-training",
-        "models.reconstructor.input_size=32", "models.reconstructor.down_channels=[16,32,64]",
-        "models.reconstructor.down_attention=[false,false,true]", "models.reconstructor.up_channels=[64,32]",
-        "models.reconstructor.up_attention=[true,false]", "models.reconstructor.num_heads=2",
-        "models.reconstructor.norm_groups=8", "models.reconstructor.layers_per_block=1",
+        "models.reconstructor.input_size=32", "models.reconstructor.lgm.down_channels=[16,32,64]",
+        "models.reconstructor.lgm.down_attention=[false,false,true]", "models.reconstructor.lgm.up_channels=[64,32]",
+        "models.reconstructor.lgm.up_attention=[true,false]", "models.reconstructor.lgm.num_heads=2",
+        "models.reconstructor.lgm.norm_groups=8", "models.reconstructor.lgm.layers_per_block=1",
         "models.reconstructor.lambda_lpips=0",
         f"pretrain.reconstructor.batch_size={batch_size}", f"pretrain.reconstructor.steps={steps}",
         "pretrain.reconstructor.render_size=32", "pretrain.reconstructor.torch_threads=1",

@@ -223,14 +223,12 @@ class GeneratorConfig(_Strict):
     scale_input_by_sigma: bool = True  # feed z * sigma_t (True) or z itself (False)
 
 
-class ReconstructorConfig(_Strict):
-    """LGM-style Gaussian reconstructor: 6 views + Plücker rays -> per-pixel 3D Gaussians."""
+class LGMConfig(_Strict):
+    """``models.reconstructor.lgm``: LGM's asymmetric multi-view U-Net (geco/models/reconstructors/lgm.py).
 
-    pretrained: str = ""  # LGM's model_fp16_fixrot.safetensors (local or s3://); "" = tiny random
-    input_size: int = Field(256, ge=8)  # view side fed to the U-Net (tiles are resized to it)
-    fovy_deg: float = Field(49.1, gt=0, lt=180)  # camera FOV the reconstructor assumes (GECO fed LGM 47.1)
-    radius: float = Field(1.5, gt=0)  # camera distance the reconstructor assumes
-    # architecture (LGM "big": 64,128,256,512,1024,1024 down; 1024,1024,512,256,128 up)
+    Defaults are LGM "big" (64,128,256,512,1024,1024 down; 1024,1024,512,256,128 up), the layout of
+    its released ``model_fp16_fixrot.safetensors``."""
+
     down_channels: tuple[int, ...] = (64, 128, 256, 512, 1024, 1024)
     down_attention: tuple[bool, ...] = (False, False, False, True, True, True)
     up_channels: tuple[int, ...] = (1024, 1024, 512, 256, 128)
@@ -239,14 +237,41 @@ class ReconstructorConfig(_Strict):
     mid_attention: bool = True  # attention between the two mid-block ResNets (LGM: True)
     layers_per_block: int = Field(2, ge=1)  # ResNets per down block; up blocks get one more (LGM: 2)
     norm_groups: int = Field(32, ge=1)  # GroupNorm groups (LGM: 32); tiny configs need fewer
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model dtype; loaded weights are cast to it
-    # input views: the Zero123++ elevations the reconstructor is told (v1.2: 20/-10; GECO fed v1.1's 30/-20)
-    zero123_elevations: tuple[float, float] = (20.0, -10.0)
     # "first_view": rotate the cameras so view 0 sits at LGM's canonical pose (as LGM trains and GECO
     # infers); "absolute": our world only re-axed into LGM's y-up frame. Outputs are always in our world.
     pose_normalization: Literal["first_view", "absolute"] = "first_view"
+
+
+class ReconstructorConfig(_Strict):
+    """Views + cameras -> 3D Gaussians. ``kind`` picks the network (geco/models/reconstructors/), whose
+    own settings sit in the section of that name; the fields here are what every kind shares: where
+    the weights come from, the input views (size, the cameras the network is told), dtype, background."""
+
+    kind: Literal["lgm"] = "lgm"
+    pretrained: str = ""  # weights of that kind (LGM: model_fp16_fixrot.safetensors; local or s3://); "" = tiny random
+    input_size: int = Field(256, ge=8)  # view side fed to the network (views are resized to it)
+    fovy_deg: float = Field(49.1, gt=0, lt=180)  # camera FOV the reconstructor assumes (GECO fed LGM 47.1)
+    radius: float = Field(1.5, gt=0)  # camera distance the reconstructor assumes
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model dtype; loaded weights are cast to it
+    # input views: the Zero123++ elevations the reconstructor is told (v1.2: 20/-10; GECO fed v1.1's 30/-20)
+    zero123_elevations: tuple[float, float] = (20.0, -10.0)
     background: float = Field(1.0, ge=0, le=1)  # grey level of the input views' background and the default render background (LGM: white; GECO: 0.5)
     lambda_lpips: float = Field(1.0, ge=0)  # LPIPS weight in the pretraining loss (LGM: 1.0)
+    lgm: LGMConfig = LGMConfig()  # kind "lgm"
+
+    @model_validator(mode="after")
+    def _input_fits_network(self) -> "ReconstructorConfig":
+        if self.kind == "lgm":
+            downsamples = len(self.lgm.down_channels) - 1
+            if self.input_size % 2**downsamples:
+                raise ValueError(
+                    f"models.reconstructor.input_size={self.input_size} must be divisible by {2**downsamples} "
+                    f"(the {downsamples} downsamples of models.reconstructor.lgm.down_channels); change either")
+        return self
+
+
+# Fields that moved: an old path gets "moved to <new path>" instead of "unknown field".
+MOVED_FIELDS = {f"models.reconstructor.{f}": f"models.reconstructor.lgm.{f}" for f in LGMConfig.model_fields}
 
 
 class LPIPSConfig(_Strict):
@@ -462,6 +487,28 @@ class GecoConfig(_Strict):
             raise ValueError("must be non-empty with no slashes or spaces")
         return v
 
+    @model_validator(mode="after")
+    def _models_fit_renders(self) -> "GecoConfig":
+        """Model sizes and cameras against the views rendered for them (each problem one line)."""
+        problems = []
+        z, teacher, recon = self.render.zero123, self.models.teacher, self.models.reconstructor
+        # The teacher learns (pretrain) and is distilled (stage 1) against the rendered Zero123++ views
+        # resized to its tile: renders smaller than a tile would be upsampled into blurry targets.
+        if z.resolution < teacher.tile_size:
+            problems.append(
+                f"render.zero123.resolution={z.resolution} is below models.teacher.tile_size={teacher.tile_size}: "
+                f"the teacher's targets would be upsampled renders; render at >= {teacher.tile_size} px or lower the tile size")
+        # The reconstructor is told its input views were taken at zero123_elevations; the views it gets
+        # are the renders (pretrain) and the teacher's (trained on those renders). Only a pretrained
+        # teacher and reconstructor may disagree with the renders (GECO told LGM 30/-20 for v1.2's 20/-10).
+        if tuple(z.elevations) != tuple(recon.zero123_elevations) and not (teacher.pretrained and recon.pretrained):
+            problems.append(
+                f"render.zero123.elevations={list(z.elevations)} differ from models.reconstructor.zero123_elevations="
+                f"{list(recon.zero123_elevations)}: the reconstructor would be told the wrong cameras; set both alike")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 # --------------------------------------------------------------------------------------------
 # Loading
@@ -546,7 +593,12 @@ def _section_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
 
 
 def _unknown_field(model: type[BaseModel] | None, loc: tuple) -> str:
-    """``unknown field; did you mean 'steps'?`` or ``unknown field; stage1.train has: ...``."""
+    """``unknown field; did you mean 'steps'?`` or ``unknown field; stage1.train has: ...``
+    (or ``moved to ...`` for a field listed in MOVED_FIELDS)."""
+    path = ".".join(str(p) for p in loc)  # relative to `model`: a ModelsConfig's loc has no "models."
+    moved = next((new for old, new in MOVED_FIELDS.items() if old == path or old.endswith("." + path)), None)
+    if moved and len(loc) > 1:
+        return f"moved to {moved}"
     fields = _section_fields(model, loc) if model is not None else None
     if not fields:
         return "unknown field"
@@ -563,6 +615,7 @@ def _format_error(source: str, err: ValidationError, model: type[BaseModel] | No
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
         msg = _unknown_field(model, tuple(e["loc"])) if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")  # our validators' messages say it all
         lines.append(f"  {loc}: {msg}{got}")
     return "\n".join(lines)
 

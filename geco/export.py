@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from plyfile import PlyData, PlyElement
 
+from geco.gaussians import SH_C0
+
 __all__ = ["SH_C0", "SplatPly", "load_ply", "ply_property_names", "save_ply"]
 
-SH_C0 = 0.28209479177387814
 # Opacities are clamped into [eps, 1 - eps] before the logit so 0 and 1 stay finite (float32).
 _OPACITY_EPS = 1e-6
 

@@ -38,7 +38,9 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,10 +57,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "COND_FOV_DEG",
     "COND_RADIUS",
+    "MAX_INPUT_PIXELS",
     "OBJECT_FRACTION",
     "GenerateError",
     "ImageInputError",
     "Result",
+    "check_output_dir",
+    "check_turntable",
     "count_calls",
     "generate",
     "load_image",
@@ -88,6 +93,10 @@ def object_frame_fraction(fov_deg: float = COND_FOV_DEG, radius: float = COND_RA
 
 
 OBJECT_FRACTION = object_frame_fraction()  # 0.774
+
+# Input images above this many pixels are refused before they are decoded (a decompression bomb: a
+# small file that expands to gigabytes). 8192 x 8192; inputs are resized to a few hundred pixels anyway.
+MAX_INPUT_PIXELS = 8192 * 8192
 
 
 class GenerateError(ValueError):
@@ -178,9 +187,17 @@ def load_image(src) -> tuple[np.ndarray, np.ndarray | None]:
         if not path.is_file():
             raise ImageInputError(f"{path}: not a file")
         try:
-            with Image.open(path) as img:
-                img.load()
-                return _from_pil(img, where)
+            with warnings.catch_warnings():  # PIL warns from ~89 Mpx; the size check below decides
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as img:  # reads the header only
+                    _check_pixels(img.size, path)
+                    img.load()
+                    return _from_pil(img, where)
+        except ImageInputError:
+            raise
+        except Image.DecompressionBombError:  # PIL's own refusal, at open, past twice its limit
+            raise ImageInputError(f"{path}: the image is too large to decode safely (more than "
+                                  f"{MAX_INPUT_PIXELS:,} pixels); downscale it") from None
         except UnidentifiedImageError:
             raise ImageInputError(f"{path}: not an image (PIL cannot identify it; expected PNG, JPEG, WebP, "
                                   "TIFF, ...)") from None
@@ -196,6 +213,13 @@ def load_image(src) -> tuple[np.ndarray, np.ndarray | None]:
     if isinstance(src, np.ndarray):
         return _split_channels(_scale_ints(src), where)
     raise ImageInputError(f"{where}: expected a path, a PIL image, an array or a tensor")
+
+
+def _check_pixels(size: tuple[int, int], path) -> None:
+    w, h = size
+    if w * h > MAX_INPUT_PIXELS:
+        raise ImageInputError(f"{path}: {w}x{h} pixels is more than the {MAX_INPUT_PIXELS:,} an input may have "
+                              "(a decompression bomb?); downscale it")
 
 
 def _alpha_from_white_background(rgb: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -318,9 +342,9 @@ def _sync(device: torch.device) -> None:
 def reconstructor_cameras(reconstructor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K [6, 3, 3] in pixels of ``tile``-sized views and c2w [6, 4, 4] of the six Zero123++ views
     as the reconstructor is told they were taken."""
-    from geco.models.reconstructor import zero123_input_cameras
+    from geco.models.reconstructors import input_cameras
 
-    K, c2w = zero123_input_cameras(reconstructor.cfg)
+    K, c2w = input_cameras(reconstructor.cfg)
     K = K.clone()
     K[:, :2, :] *= tile / reconstructor.input_size
     return K, c2w
@@ -387,7 +411,7 @@ def render_turntable(gaussians, frames: int = 24, size: int = 256, elevation: fl
                      chunk: int = 8) -> list[np.ndarray]:
     """Render unbatched Gaussians on an orbit (azimuths 0, 360/frames, ...) -> uint8 frames."""
     from geco.cameras import Camera
-    from geco.models.reconstructor import render_gaussians
+    from geco.render.splat import render_gaussians
 
     cams = [Camera("random", size, size, fov_deg, radius, 360.0 * i / frames, elevation) for i in range(frames)]
     dev = gaussians.means.device
@@ -401,6 +425,29 @@ def render_turntable(gaussians, frames: int = 24, size: int = 256, elevation: fl
     return out
 
 
+def check_turntable(frames: int, size: int) -> None:
+    """Refuse turntable options that would fail after the other outputs are written."""
+    if frames < 0:
+        raise GenerateError(f"--turntable-frames must be >= 0 (0: no GIF), got {frames}")
+    if frames > 0 and size < 1:
+        raise GenerateError(f"--turntable-size must be >= 1 pixel, got {size}")
+
+
+def check_output_dir(outdir: str | os.PathLike) -> Path:
+    """``outdir``, created if needed and shown to be writable (a probe file is written and removed),
+    so that a bad ``-o`` fails before any model runs."""
+    out = Path(outdir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise GenerateError(f"-o {outdir}: exists and is not a folder; give a folder for the outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".geco-write-check-"):
+            pass
+    except OSError as e:
+        raise GenerateError(f"-o {outdir}: cannot write there ({e.strerror or e}); give a writable folder") from None
+    return out
+
+
 def save_outputs(result: Result, outdir: str | os.PathLike, name: str, turntable_frames: int = 24,
                  turntable_size: int = 256) -> dict[str, str]:
     """Write ``<name>.ply``, ``<name>_views.png`` and ``<name>_turntable.gif`` (unless
@@ -409,8 +456,8 @@ def save_outputs(result: Result, outdir: str | os.PathLike, name: str, turntable
 
     from geco.export import save_ply
 
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_turntable(turntable_frames, turntable_size)
+    out = check_output_dir(outdir)
     g = result.gaussians
     paths = {}
     t0 = time.perf_counter()
@@ -470,12 +517,13 @@ def pick_device(device: str | None) -> torch.device:
 def run(images: list[str], checkpoint: str, outdir: str, seed: int = 0, num_samples: int = 1,
         device: str | None = None, turntable_frames: int = 24, turntable_size: int = 256,
         tracking_uri: str | None = None, echo=print) -> list[Result]:
-    """What ``geco generate`` does: check every input first (files, then the checkpoint, then the
-    pixels), load the bundle once, generate, write, print a timing line per object."""
+    """What ``geco generate`` does: check every input first (options, files, the output folder, then
+    the checkpoint, then the pixels), load the bundle once, generate, write, print a timing line per object."""
     from geco.models.bundle import load_bundle, read_manifest, resolve_checkpoint
 
     if num_samples < 1:
         raise GenerateError(f"--num-samples must be >= 1, got {num_samples}")
+    check_turntable(turntable_frames, turntable_size)
     dev = pick_device(device)
     for img in images:  # cheap checks before anything is downloaded
         p = Path(img).expanduser()
@@ -483,6 +531,7 @@ def run(images: list[str], checkpoint: str, outdir: str, seed: int = 0, num_samp
             raise ImageInputError(f"{img}: no such file")
         if not p.is_file():
             raise ImageInputError(f"{img}: not a file")
+    check_output_dir(outdir)
     with contextlib.suppress(Exception):  # transformers' per-load "Loading weights" bars clutter the output
         from transformers.utils import logging as hf_logging
 

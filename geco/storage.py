@@ -34,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -472,3 +474,82 @@ def check_readable(uri: str) -> None:
             raise type(e)(f"{uri}: cannot read from S3 endpoint {endpoint}: {reason}") from None
     elif not Path(uri).exists():
         raise StorageError(f"{uri}: no such file or directory")
+
+
+# -- local copies with a cache ------------------------------------------------------------------
+# local_copy(uri) is the one way to get a local path for a model file or folder (weights, teacher
+# folders, checkpoint bundles). Cache layout, one folder per URI:
+#     <cache_dir>/<sha256(uri)[:16]>/files/<path relative to the URI>   the copy (what is returned)
+#     <cache_dir>/<sha256(uri)[:16]>/meta/<same path>.json              {"etag", "size"} of that copy
+#     <cache_dir>/<sha256(uri)[:16]>/.lock                              held while the copy is synced
+# A file is kept while its recorded ETag and size match the object's; otherwise it is downloaded to a
+# temporary name and renamed into place, then its meta written, so a crash never leaves a partial file
+# that looks valid. Processes sharing a cache take the lock in turn (fcntl.flock), so a second
+# process waits for the first and then finds everything cached.
+def default_cache_dir(name: str = "s3") -> Path:
+    """``$GECO_CACHE/<name>`` (``~/.cache/geco/<name>`` when unset): callers name their own corner."""
+    return Path(os.environ.get("GECO_CACHE", "~/.cache/geco")).expanduser() / name
+
+
+def _s3_objects(uri: str) -> dict[str, tuple[str, str, int]]:
+    """{relative path: (full URI, etag, size)} for the object ``uri`` itself, else every object under
+    the prefix ``uri/``; empty when there is neither."""
+    if split_s3(uri)[1]:
+        try:
+            st = stat(uri)
+            return {basename(uri): (uri, st["etag"], int(st["size"]))}
+        except FileNotFoundError:
+            pass
+    out = {}
+    for u in listdir(uri):
+        st = stat(u)
+        out[u[len(uri) + 1:]] = (u, st["etag"], int(st["size"]))
+    return out
+
+
+def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local path holding ``uri``'s content: a local path is returned as is (``~`` expanded); an
+    ``s3://`` object becomes a cached file, an ``s3://`` prefix a cached folder mirroring every object
+    under it (files no longer on S3 are removed from the copy). ``cache_dir`` defaults to
+    :func:`default_cache_dir`. Raises FileNotFoundError when nothing is there."""
+    import fcntl  # POSIX only; imported here so the rest of the module stays portable
+
+    uri = str(uri)
+    if not is_s3(uri):
+        p = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"{uri}: no such file or directory")
+        return p
+    uri = uri.rstrip("/")
+    objects = _s3_objects(uri)
+    if not objects:
+        raise FileNotFoundError(f"{uri}: no object and nothing under this S3 prefix")
+    entry = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    entry = entry / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    files, meta = entry / "files", entry / "meta"
+    single = len(objects) == 1 and next(iter(objects.values()))[0] == uri
+    entry.mkdir(parents=True, exist_ok=True)
+    with open(entry / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for rel, (src, etag, size) in sorted(objects.items()):
+            dst, rec = files / rel, meta / f"{rel}.json"
+            want = {"etag": etag, "size": size}
+            try:
+                have = json.loads(rec.read_text())
+            except (OSError, ValueError):
+                have = None
+            if have == want and dst.is_file() and dst.stat().st_size == size:
+                continue
+            rec.unlink(missing_ok=True)  # the meta is written only once the file is whole
+            download(src, dst)
+            rec.parent.mkdir(parents=True, exist_ok=True)
+            tmp = rec.with_name(f".{rec.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.write_text(json.dumps(want))
+            os.replace(tmp, rec)
+        if not single:  # a mirror: drop what is no longer under the prefix
+            for p in [p for p in files.rglob("*") if p.is_file()]:
+                rel = p.relative_to(files).as_posix()
+                if rel not in objects:
+                    p.unlink()
+                    (meta / f"{rel}.json").unlink(missing_ok=True)
+    return files / basename(uri) if single else files

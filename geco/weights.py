@@ -148,9 +148,8 @@ def _list_source(src: str, kind: str) -> _Source:
 
 
 def _local(path_or_uri: str, tmpdir: Path) -> Path:
-    if storage.is_s3(path_or_uri):
-        return storage.download(path_or_uri, tmpdir / "src" / storage.basename(path_or_uri))
-    return Path(path_or_uri)
+    """A local file for one source file (an S3 object is copied into ``tmpdir``, removed after use)."""
+    return storage.local_copy(path_or_uri, cache_dir=tmpdir / "src")
 
 
 # -- conversion ------------------------------------------------------------------------------

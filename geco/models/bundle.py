@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from geco import storage
-from geco.config import ModelsConfig, apply_overrides, validate
+from geco.config import LGMConfig, ModelsConfig, apply_overrides, validate
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 # A tiny model set for `geco models init-tiny`, tests and the embedded demo (CPU, seconds).
 TINY_MODELS: dict[str, Any] = {
     "teacher": {"tile_size": 32, "cond_size": 32, "tiny_clip_image_size": 32},
-    "reconstructor": {"input_size": 32, "down_channels": [8, 16, 32], "down_attention": [False, False, True],
-                      "up_channels": [32, 16], "up_attention": [True, False], "num_heads": 2, "norm_groups": 4,
-                      "layers_per_block": 1},
+    "reconstructor": {"input_size": 32, "lgm": {"down_channels": [8, 16, 32], "down_attention": [False, False, True],
+                                                "up_channels": [32, 16], "up_attention": [True, False], "num_heads": 2,
+                                                "norm_groups": 4, "layers_per_block": 1}},
 }
 
 
@@ -201,7 +201,7 @@ def _stripped_config(models_cfg: ModelsConfig) -> dict:
 def _write_bundle(root: Path, teacher, generator, reconstructor, models_cfg: ModelsConfig,
                   include_teacher_unet: bool) -> None:
     from geco.models.generator import save_generator
-    from geco.models.reconstructor import save_reconstructor
+    from geco.models.reconstructors import save_reconstructor
     from geco.models.teacher import save_teacher
 
     root.mkdir(parents=True, exist_ok=True)
@@ -327,9 +327,7 @@ def check_bundle(root: str | os.PathLike) -> dict:
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("GECO_CACHE", "~/.cache/geco")).expanduser() / "checkpoints"
+    return Path(cache_dir).expanduser() if cache_dir else storage.default_cache_dir("checkpoints")
 
 
 def _find_bundle_root(path: Path) -> Path:
@@ -354,24 +352,11 @@ def _download_s3(uri: str, cache_dir) -> Path:
         manifest = json.loads(storage.read_text(manifest_uri))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{manifest_uri}: unreadable ({e}); not a valid GECO checkpoint") from None
-    # keyed on the bundle's id too: a bundle saved again at the same prefix (same file sizes, new
-    # weights) must not be served from the cache of the old one
+    # one cache folder per saved bundle (its id): a bundle saved again at the same prefix gets a new
+    # copy, and the old copy stays whole for whoever still reads it
     key = f"{uri}\0{manifest.get('bundle_id') or manifest.get('created', '')}"
-    root = _cache_root(cache_dir) / ("s3-" + hashlib.sha256(key.encode()).hexdigest()[:16])
-    expected = manifest.get("files") or {}
-    prefix = uri + "/"
-    keys = set(storage.listdir(uri))
-    for key in sorted(keys):
-        rel = key[len(prefix):]
-        dst = root / rel
-        if rel == MANIFEST:
-            continue
-        if dst.is_file() and rel in expected and dst.stat().st_size == expected[rel]:
-            continue  # cached copy of an immutable file
-        storage.download(key, dst)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last, as on the source
-    log.info("checkpoint %s cached in %s (%d files)", uri, root, len(keys))
+    root = storage.local_copy(uri, cache_dir=_cache_root(cache_dir) / ("s3-" + hashlib.sha256(key.encode()).hexdigest()[:16]))
+    log.info("checkpoint %s cached in %s", uri, root)
     return root
 
 
@@ -432,18 +417,29 @@ def resolve_checkpoint(uri: str | os.PathLike, cache_dir: str | os.PathLike | No
 # ================================================================================================
 # Loading
 # ================================================================================================
+def _upgrade_models(models: dict) -> dict:
+    """A stored models section in today's layout: bundles written before reconstructors had a
+    ``kind`` kept LGM's architecture fields flat in ``reconstructor`` (now ``reconstructor.lgm``)."""
+    rec = dict(models.get("reconstructor") or {})
+    flat = {k: rec.pop(k) for k in list(rec) if k in LGMConfig.model_fields}
+    if not flat:
+        return models
+    rec["lgm"] = {**flat, **(rec.get("lgm") or {})}
+    return {**models, "reconstructor": rec}
+
+
 def load_bundle(uri: str | os.PathLike, device: str | torch.device = "cpu",
                 cache_dir: str | os.PathLike | None = None, tracking_uri: str | None = None) -> Bundle:
     """Resolve ``uri`` (:func:`resolve_checkpoint`) and load the three components onto ``device``,
     in eval mode. The config is the one stored in ``geco.json`` with weight paths pointing into the
     bundle."""
     from geco.models.generator import OneStepGenerator, generator_config_from_checkpoint, load_generator
-    from geco.models.reconstructor import load_reconstructor
+    from geco.models.reconstructors import load_reconstructor
     from geco.models.teacher import load_teacher
 
     root = resolve_checkpoint(uri, cache_dir, tracking_uri)
     manifest = check_bundle(root)
-    cfg = validate(ModelsConfig, manifest.get("models") or {}, f"{root / MANIFEST}: models")
+    cfg = validate(ModelsConfig, _upgrade_models(manifest.get("models") or {}), f"{root / MANIFEST}: models")
     has_unet = bool(manifest["components"]["teacher"].get("unet_included", (root / TEACHER_UNET_WEIGHTS).is_file()))
     gen_dir = root / GENERATOR_DIR
     gcfg = generator_config_from_checkpoint(cfg.generator.model_copy(update={"pretrained": str(gen_dir)}), gen_dir)
@@ -496,7 +492,7 @@ def init_tiny_bundle(dest: str | os.PathLike, models_cfg: ModelsConfig | None = 
     """Write a randomly initialised bundle (tiny teacher, generator = copy of its UNet, reconstructor)
     sized by ``models_cfg`` (default :func:`tiny_models_config`). Deterministic for a ``seed``."""
     from geco.models.generator import OneStepGenerator
-    from geco.models.reconstructor import build_reconstructor
+    from geco.models.reconstructors import build_reconstructor
     from geco.models.teacher import build_tiny_teacher
 
     cfg = models_cfg or tiny_models_config()

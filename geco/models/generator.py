@@ -46,7 +46,6 @@ from geco.models.teacher import (
     Zero123PlusTeacher,
     _randn,
     install_reference_attention,
-    local_copy,
     views_from_grid,
 )
 
@@ -267,7 +266,7 @@ def load_generator(cfg: GeneratorConfig, teacher: Zero123PlusTeacher,
     if not cfg.pretrained:
         raise ValueError("GeneratorConfig.pretrained is empty: use OneStepGenerator.from_teacher or make_generator")
     try:
-        root = local_copy(cfg.pretrained, cache_dir)
+        root = storage.local_copy(cfg.pretrained, cache_dir)
     except FileNotFoundError as e:
         raise GeneratorLoadError(f"generator checkpoint: {e}") from None
     folder = _unet_folder(root, cfg.pretrained)

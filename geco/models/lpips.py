@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from geco import storage
+
 log = logging.getLogger(__name__)
 
 Net = Literal["alex", "vgg"]
@@ -317,18 +319,15 @@ def _download(url: str, target: Path, timeout: float = 30.0) -> Path:
 def _fetch(uri: str, cache: Path, allow_download: bool,
            name: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """State dict from an explicit local path / s3:// / file:// / http(s):// location (a URL is
-    downloaded once into ``cache``, as ``name`` or its own file name)."""
+    downloaded once into ``cache``, as ``name`` or its own file name; an s3:// object is cached
+    under ``cache/s3`` by :func:`geco.storage.local_copy`)."""
     uri = str(uri)
-    if uri.startswith("s3://"):
-        from geco import storage
-
-        name = storage.basename(uri)
-        with tempfile.TemporaryDirectory(prefix="geco-lpips-") as d:
-            try:
-                local = storage.download(uri, Path(d) / name)
-            except Exception as e:
-                raise LPIPSUnavailable(f"{uri}: cannot be read ({type(e).__name__}: {e})") from None
-            return _read_state_dict(local), uri
+    if storage.is_s3(uri):
+        try:
+            local = storage.local_copy(uri, cache_dir=cache / "s3")
+        except Exception as e:
+            raise LPIPSUnavailable(f"{uri}: cannot be read ({type(e).__name__}: {e})") from None
+        return _read_state_dict(local), uri
     if "://" in uri:
         target = cache / (name or uri.rstrip("/").rsplit("/", 1)[-1])
         if not target.is_file():

@@ -33,7 +33,6 @@ embedded demo; :func:`save_teacher` writes the same upstream layout (safetensors
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -888,39 +887,12 @@ def make_teacher(cfg: TeacherConfig) -> Zero123PlusTeacher:
 # ================================================================================================
 # Loading real weights
 # ================================================================================================
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("GECO_CACHE", "~/.cache/geco")).expanduser() / "teacher"
-
-
-def local_copy(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local path for ``uri``: itself when local; for ``s3://`` every object under the prefix (or the
-    single object) downloaded into ``cache_dir/<hash of uri>/`` (files already there with the same
-    size are kept)."""
-    if not storage.is_s3(uri):
-        p = Path(uri).expanduser()
-        if not p.exists():
-            raise TeacherFolderError(f"{uri}: no such file or directory")
-        return p
-    uri = uri.rstrip("/")
-    root = _cache_root(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    files = storage.listdir(uri)
-    if not files:
-        if storage.exists(uri):  # a single object (e.g. a UNet .safetensors)
-            dst = root / storage.basename(uri)
-            if not (dst.is_file() and dst.stat().st_size == storage.stat(uri)["size"]):
-                storage.download(uri, dst)
-            return dst
-        raise TeacherFolderError(f"{uri}: nothing stored under this S3 prefix")
-    prefix = uri + "/"
-    for f in files:
-        dst = root / f[len(prefix):]
-        if dst.is_file() and dst.stat().st_size == storage.stat(f)["size"]:
-            continue
-        storage.download(f, dst)
-    log.info("teacher: %s cached in %s (%d files)", uri, root, len(files))
-    return root
+def _local_copy(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """:func:`geco.storage.local_copy` into ``cache_dir`` (default ``$GECO_CACHE/teacher``)."""
+    try:
+        return storage.local_copy(uri, cache_dir=cache_dir or storage.default_cache_dir("teacher"))
+    except FileNotFoundError as e:
+        raise TeacherFolderError(str(e)) from None
 
 
 def _missing_files(root: Path, skip_unet_weights: bool) -> list[str]:
@@ -990,7 +962,7 @@ def load_unet_override(spec: str, root: Path | None, dtype: torch.dtype,
     folder with ``unet/``), or a state-dict file whose architecture is the folder's ``unet/config.json``."""
     from diffusers import UNet2DConditionModel
 
-    path = local_copy(spec, cache_dir)
+    path = _local_copy(spec, cache_dir)
     if path.is_dir():
         sub = None if (path / "config.json").is_file() else "unet" if (path / "unet" / "config.json").is_file() else False
         if sub is False:
@@ -1034,7 +1006,7 @@ def load_teacher(cfg: TeacherConfig, cache_dir: str | os.PathLike | None = None)
     if not cfg.pretrained:
         raise ValueError("TeacherConfig.pretrained is empty: use build_tiny_teacher(cfg) or make_teacher(cfg)")
     cache_dir = cache_dir or cfg.cache_dir or None
-    root = local_copy(cfg.pretrained, cache_dir)
+    root = _local_copy(cfg.pretrained, cache_dir)
     if not root.is_dir():
         raise TeacherFolderError(f"{cfg.pretrained}: expected a folder in the zero123plus layout, got a file")
     missing = _missing_files(root, skip_unet_weights=bool(cfg.unet))

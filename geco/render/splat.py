@@ -58,6 +58,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from geco.gaussians import SH_C0, Gaussians, quat_to_matrix
+
 __all__ = [
     "ALPHA_THRESHOLD",
     "MAX_ALPHA",
@@ -67,9 +69,9 @@ __all__ = [
     "eval_sh",
     "project_gaussians",
     "rasterize",
+    "render_gaussians",
 ]
 
-SH_C0 = 0.28209479177387814
 ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat ALPHA_THRESHOLD: alphas below it are skipped
 MAX_ALPHA = 0.999  # alphas are clamped to this
 TRANSMITTANCE_MIN = 1e-4  # a pixel stops before the Gaussian that would take T to <= this
@@ -172,6 +174,45 @@ def rasterize(
         sh_degree=sh_degree, backgrounds=backgrounds, render_mode=render_mode,
         antialiased=rasterize_mode == "antialiased", covars=covars,
     )  # fmt: skip
+
+
+def render_gaussians(
+    gaussians: Gaussians, viewmats: Tensor, Ks: Tensor, width: int, height: int, background=1.0, **raster_kwargs
+) -> tuple[Tensor, Tensor]:
+    """Render :class:`~geco.gaussians.Gaussians` (batched [B,N,...] or one object's [N,...]) through
+    :func:`rasterize`, object by object, with cameras viewmats [B,C,4,4] (or shared [C,4,4])
+    world-to-camera OpenCV and Ks [B,C,3,3] (or [C,3,3]). ``background``: a float, [3] or [B,3].
+    Returns rgb [B,C,3,H,W] and alpha [B,C,1,H,W]."""
+    g = gaussians if gaussians.batched else gaussians[None]
+    B = len(g)
+    dev, dt = g.means.device, g.means.dtype
+    viewmats = torch.as_tensor(viewmats).to(dev, dt)
+    Ks = torch.as_tensor(Ks).to(dev, dt)
+    if viewmats.dim() == 3:
+        viewmats = viewmats.expand(B, *viewmats.shape)
+    if Ks.dim() == 3:
+        Ks = Ks.expand(B, *Ks.shape)
+    C = viewmats.shape[1]
+    bg = torch.as_tensor(background, dtype=dt, device=dev)
+    bg = bg.expand(B, 3) if bg.dim() < 2 else bg
+    rgbs, alphas = [], []
+    for b in range(B):
+        colors, alpha, _ = rasterize(
+            g.means[b],
+            g.quats[b],
+            g.scales[b],
+            g.opacities[b],
+            g.rgb[b],
+            viewmats[b],
+            Ks[b],
+            int(width),
+            int(height),
+            backgrounds=bg[b].expand(C, 3),
+            **raster_kwargs,
+        )
+        rgbs.append(colors.permute(0, 3, 1, 2))
+        alphas.append(alpha.permute(0, 3, 1, 2))
+    return torch.stack(rgbs), torch.stack(alphas)
 
 
 def _refuse_unimplemented(*, packed, sparse_grad, absgrad, distributed, camera_model,
@@ -286,15 +327,7 @@ def _check_shape(name: str, t: Tensor, shape: tuple) -> None:
 
 def _quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
     """3D covariances R S S^T R^T [N, 3, 3] from wxyz quaternions (normalised here) and scales."""
-    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
-    R = torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(quats.shape[:-1] + (3, 3))  # fmt: skip
+    R = quat_to_matrix(quats)
     M = R * scales[..., None, :]
     return M @ M.transpose(-1, -2)
 

@@ -16,7 +16,7 @@ The embedded default has no downloadable teacher or reconstructor, so the ``pret
 :class:`ReconstructorPretrainTask`
     LGM-style: the 6 ground-truth Zero123++ views in (composited on the reconstructor's
     background, with the cameras the reconstructor is told at inference,
-    :func:`zero123_input_cameras`), Gaussians rendered at ``supervision_views`` views drawn
+    :func:`geco.models.reconstructors.input_cameras`), Gaussians rendered at ``supervision_views`` views drawn
     from the object's random views (and the 6 input views) and supervised with MSE on RGB and
     alpha, + LPIPS when its weights load (otherwise the term is off, with a warning).
     Evaluation: PSNR of renders vs ground truth at every view of held-out objects (also
@@ -256,7 +256,7 @@ class ReconstructorPretrainTask(TrainTask):
         return config_hash(cls.name, _models_section(cfg.models.reconstructor, _RECON_RUNTIME_FIELDS))
 
     def __init__(self, cfg, job, ctx: WorkerContext):
-        from geco.models.reconstructor import build_reconstructor
+        from geco.models.reconstructors import build_reconstructor
 
         super().__init__(cfg, job, ctx)
         rcfg = cfg.models.reconstructor
@@ -300,7 +300,7 @@ class ReconstructorPretrainTask(TrainTask):
         return {"lr": self.scheduler}
 
     def prepare(self, rows: list[dict], training: bool = True) -> dict[str, Any]:
-        from geco.models.reconstructor import zero123_input_cameras
+        from geco.models.reconstructors import input_cameras
 
         rcfg = self.cfg.models.reconstructor
         bg = (rcfg.background,) * 3
@@ -310,7 +310,7 @@ class ReconstructorPretrainTask(TrainTask):
         for s in samples:
             z = s["zero123"]
             images.append(z["rgb"])
-            K, c2w = zero123_input_cameras(rcfg, float(s["cameras"][0].get("azimuth_deg", 0.0)))
+            K, c2w = input_cameras(rcfg, float(s["cameras"][0].get("azimuth_deg", 0.0)))
             Ks.append(K)
             c2ws.append(c2w)
             groups = [s["random"]] if "random" in s else []
@@ -374,7 +374,7 @@ class ReconstructorPretrainTask(TrainTask):
         return EvalResult(metrics, {"renders": labeled_grid(rows, labels)})
 
     def export(self, output_uri: str) -> dict[str, str]:
-        from geco.models.reconstructor import save_reconstructor
+        from geco.models.reconstructors import save_reconstructor
 
         uri = storage.join(output_uri, "reconstructor", "model.safetensors")
         save_reconstructor(self.recon, uri, dtype=None)

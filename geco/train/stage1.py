@@ -630,7 +630,7 @@ class VSDTask(TrainTask):
     def export(self, output_uri: str) -> dict[str, str]:
         from geco.models.bundle import save_bundle
         from geco.models.generator import save_generator
-        from geco.models.reconstructor import build_reconstructor, load_reconstructor
+        from geco.models.reconstructors import build_reconstructor, load_reconstructor
 
         gen = self.export_generator()
         gen_uri = save_generator(gen, storage.join(output_uri, "generator"))

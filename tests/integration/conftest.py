@@ -31,8 +31,8 @@ def tiny_dataset(tmp_path_factory, ray_local) -> str:
     from pipelines import render
 
     root = tmp_path_factory.mktemp("tiny-data")
-    cfg = load_config(None, TINY_RENDER + [f"dataset.uri={root / 'shards'}", f"cache.dir={root / 'cache'}",
-                                           "tracking.enabled=false"])
+    cfg = load_config(None, TINY_RENDER + TINY_TEACHER + [f"dataset.uri={root / 'shards'}", f"cache.dir={root / 'cache'}",
+                                                          "tracking.enabled=false"])
     res = render.run(cfg)
     assert res.rendered == 8, res.summary()
     return str(root / "shards")

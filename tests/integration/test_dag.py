@@ -28,10 +28,10 @@ RENDER = ["source.kind=procedural", "source.num_procedural=8", "render.cond.reso
           "render.blender.samples=4", "render.blender.threads=1", "dataset.samples_per_shard=4",
           "dataset.val_fraction=0.52", "ray.num_renderers=2", "ray.cpus_per_renderer=0.5"]
 MODELS = ["models.teacher.tile_size=16", "models.teacher.cond_size=32",
-          "models.reconstructor.input_size=16", "models.reconstructor.down_channels=[8,16,32]",
-          "models.reconstructor.down_attention=[false,false,true]", "models.reconstructor.up_channels=[32,16]",
-          "models.reconstructor.up_attention=[true,false]", "models.reconstructor.num_heads=2",
-          "models.reconstructor.norm_groups=4", "models.reconstructor.layers_per_block=1"]
+          "models.reconstructor.input_size=16", "models.reconstructor.lgm.down_channels=[8,16,32]",
+          "models.reconstructor.lgm.down_attention=[false,false,true]", "models.reconstructor.lgm.up_channels=[32,16]",
+          "models.reconstructor.lgm.up_attention=[true,false]", "models.reconstructor.lgm.num_heads=2",
+          "models.reconstructor.lgm.norm_groups=4", "models.reconstructor.lgm.layers_per_block=1"]
 JOB = {"steps": 4, "batch_size": 2, "log_every": 1, "cpus_per_worker": 0.5, "torch_threads": 1, "keep_checkpoints": 2,
        "max_failures": 1, "checkpoint_every": 2, "eval_every": 2, "eval_objects": 2}
 

@@ -245,6 +245,65 @@ def test_generate_cli_errors_exit_2(ckpt, images, tmp_path, capsys, case, match)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def _png_header_only(w: int, h: int) -> bytes:
+    """A grey 8-bit PNG that declares w x h pixels but holds no pixel data: what a decoder sees first."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [9000, 20000])  # above our limit; above PIL's own (it raises at open)
+def test_prepare_image_refuses_decompression_bombs(tmp_path, side):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(side, side))
+    with pytest.raises(ImageInputError, match=r"bomb.png: .*downscale it"):
+        prepare_image(bomb, S)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("output_is_a_file", r"-o .*out: exists and is not a folder"),
+    ("output_inside_a_file", r"-o .*sub: cannot write there"),
+    ("read_only_output", r"-o .*out: cannot write there"),
+    ("negative_turntable_size", r"--turntable-size must be >= 1 pixel, got -8"),
+    ("negative_turntable_frames", r"--turntable-frames must be >= 0"),
+    ("bomb", r"bomb.png: 9000x9000 pixels is more than"),
+])
+def test_generate_refuses_bad_requests_before_the_model_runs(ckpt, images, tmp_path, capsys, monkeypatch, case,
+                                                             match):
+    """Each of these used to fail only after the model ran (with a traceback, or leaving a .ply and a
+    views PNG without their GIF): now one line, exit 2, no model loaded and no outputs."""
+    import os
+
+    from geco.models import bundle
+
+    monkeypatch.setattr(bundle, "load_bundle", lambda *a, **k: pytest.fail("the model was loaded"))
+    out, image, extra = tmp_path / "out", str(images["rgba"]), list(FAST)
+    if case == "output_is_a_file":
+        out.write_text("a file")
+    elif case == "output_inside_a_file":
+        out.write_text("a file")
+        out = out / "sub"
+    elif case == "read_only_output":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        out.mkdir()
+        out.chmod(0o555)
+    elif case == "negative_turntable_size":
+        extra = ["--turntable-frames", "4", "--turntable-size", "-8"]
+    elif case == "negative_turntable_frames":
+        extra = ["--turntable-frames", "-1"]
+    elif case == "bomb":
+        image = str(tmp_path / "bomb.png")
+        Path(image).write_bytes(_png_header_only(9000, 9000))
+    rc = main(["generate", image, "--checkpoint", str(ckpt), "-o", str(out), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("geco: ") and "Traceback" not in err, err
+    assert re.search(match, err), err
+    written = [p.name for p in tmp_path.rglob("*") if p.suffix in (".ply", ".gif") or p.name.endswith("_views.png")]
+    assert written == []
+
+
 # ------------------------------------------------------------------------------------------------
 # bundles
 # ------------------------------------------------------------------------------------------------
@@ -354,3 +413,17 @@ def test_checkpoint_through_mlflow(ckpt, images, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     rc = main(["generate", str(images["rgba"]), "--checkpoint", "models:/geco@staging", "-o", str(out)])
     assert rc == 2 and "MLflow cannot resolve" in capsys.readouterr().err
+
+
+def test_bundle_written_before_reconstructor_kinds_loads(ckpt, tmp_path):
+    """Older bundles kept LGM's architecture flat in models.reconstructor: they load, into the lgm section."""
+    old = tmp_path / "old"
+    shutil.copytree(ckpt, old)
+    manifest = json.loads((old / "geco.json").read_text())
+    rec = manifest["models"]["reconstructor"]
+    rec.update(rec.pop("lgm"))
+    del rec["kind"]
+    (old / "geco.json").write_text(json.dumps(manifest))
+    b = load_bundle(old)
+    assert b.cfg.reconstructor.kind == "lgm"
+    assert b.cfg.reconstructor.lgm == load_bundle(ckpt).cfg.reconstructor.lgm

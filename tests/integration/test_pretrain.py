@@ -23,10 +23,10 @@ pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
 # 8 procedural objects; val_fraction 0.52 puts procedural-0005 and -0007 in the val split.
 MODELS = ["models.teacher.tile_size=16", "models.teacher.cond_size=32",
-          "models.reconstructor.input_size=32", "models.reconstructor.down_channels=[16,32,64]",
-          "models.reconstructor.down_attention=[false,false,true]", "models.reconstructor.up_channels=[64,32]",
-          "models.reconstructor.up_attention=[true,false]", "models.reconstructor.num_heads=2",
-          "models.reconstructor.norm_groups=8", "models.reconstructor.layers_per_block=1"]
+          "models.reconstructor.input_size=32", "models.reconstructor.lgm.down_channels=[16,32,64]",
+          "models.reconstructor.lgm.down_attention=[false,false,true]", "models.reconstructor.lgm.up_channels=[64,32]",
+          "models.reconstructor.lgm.up_attention=[true,false]", "models.reconstructor.lgm.num_heads=2",
+          "models.reconstructor.lgm.norm_groups=8", "models.reconstructor.lgm.layers_per_block=1"]
 
 
 def _job(target: str, **kw) -> list[str]:
@@ -61,7 +61,7 @@ def child_runs(client, parent_id: str) -> dict[str, object]:
 def test_pretrain_learns_and_tracks_everything(tmp_path, dataset, mlflow_server):
     import mlflow
 
-    from geco.models.reconstructor import load_reconstructor
+    from geco.models.reconstructors import load_reconstructor
     from geco.models.teacher import load_teacher
     from geco.train.checkpoint import checkpoint_files, read_checkpoint_meta
     from pipelines import pretrain

@@ -30,7 +30,7 @@ def tiny_config(tmp_path: Path, source_kind: str, source_uri: str, output: str, 
                 *extra: str):
     overrides = [
         f"source.kind={source_kind}", f"source.uri={source_uri}", f"dataset.uri={output}",
-        "render.cond.resolution=32", "render.zero123.resolution=32", "render.random.count=2",
+        "render.cond.resolution=32", "render.zero123.resolution=32", "models.teacher.tile_size=32", "render.random.count=2",
         "render.random.resolution=32", "render.blender.samples=4", "render.blender.threads=1",
         "render.blender.timeout_s=60", "dataset.samples_per_shard=2", "dataset.val_fraction=0.0",
         "ray.num_renderers=1", "ray.cpus_per_renderer=0.5", "limits.max_failure_rate=0.9",

@@ -29,10 +29,10 @@ pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
 # the data: tests/integration/conftest.py (tiny_dataset: procedural-0005 and -0007 are the val split)
 MODELS = ["models.teacher.tile_size=16", "models.teacher.cond_size=32",
-          "models.reconstructor.input_size=16", "models.reconstructor.down_channels=[8,16,32]",
-          "models.reconstructor.down_attention=[false,false,true]", "models.reconstructor.up_channels=[32,16]",
-          "models.reconstructor.up_attention=[true,false]", "models.reconstructor.num_heads=2",
-          "models.reconstructor.norm_groups=4", "models.reconstructor.layers_per_block=1"]
+          "models.reconstructor.input_size=16", "models.reconstructor.lgm.down_channels=[8,16,32]",
+          "models.reconstructor.lgm.down_attention=[false,false,true]", "models.reconstructor.lgm.up_channels=[32,16]",
+          "models.reconstructor.lgm.up_attention=[true,false]", "models.reconstructor.lgm.num_heads=2",
+          "models.reconstructor.lgm.norm_groups=4", "models.reconstructor.lgm.layers_per_block=1"]
 
 
 def _job(**kw) -> list[str]:
@@ -50,7 +50,7 @@ def dataset(tiny_dataset) -> str:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A folder laid out like a pretrain output: teacher/ (Zero123++ layout) + reconstructor/model.safetensors."""
-    from geco.models.reconstructor import build_reconstructor, save_reconstructor
+    from geco.models.reconstructors import build_reconstructor, save_reconstructor
     from geco.models.teacher import build_tiny_teacher, save_teacher
 
     root = tmp_path_factory.mktemp("pretrained")

@@ -130,3 +130,51 @@ def test_timeouts_and_view_geometry_are_finite(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert f"  {field}: Input should be a finite number" in str(e.value)
+# -- the reconstructor section and the checks of models against renders -------------------------
+def test_reconstructor_kind_sections_and_moved_flat_fields(tmp_path):
+    cfg = load_config("configs/local.yaml")
+    assert cfg.models.reconstructor.kind == "lgm" and cfg.models.reconstructor.lgm.down_channels == (16, 32, 64)
+    old = tmp_path / "old.yaml"
+    old.write_text("models:\n  reconstructor:\n    input_size: 32\n    down_channels: [8, 16, 32]\n    num_heads: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(old)
+    msg = str(e.value)
+    assert str(old) in msg
+    assert "models.reconstructor.down_channels: moved to models.reconstructor.lgm.down_channels" in msg
+    assert "models.reconstructor.num_heads: moved to models.reconstructor.lgm.num_heads" in msg
+    with pytest.raises(ConfigError, match="moved to models.reconstructor.lgm.norm_groups"):
+        load_config(None, ["models.reconstructor.norm_groups=4"])
+    with pytest.raises(ConfigError, match="models.reconstructor.kind"):
+        load_config(None, ["models.reconstructor.kind=instantmesh"])
+
+
+def test_reconstructor_input_size_must_fit_the_unet_downsamples():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["models.reconstructor.input_size=40"])
+    msg = str(e.value)
+    assert "models.reconstructor.input_size=40 must be divisible by 32" in msg
+    assert "models.reconstructor.lgm.down_channels" in msg and "Value error" not in msg
+    load_config(None, ["models.reconstructor.input_size=40", "models.reconstructor.lgm.down_channels=[8,16,32,32]",
+                       "models.reconstructor.lgm.down_attention=[false,false,true,true]"])  # 3 downsamples: 40 = 5 x 8
+
+
+def test_teacher_tile_must_not_exceed_the_rendered_views():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["render.zero123.resolution=64", "models.teacher.tile_size=128"])
+    line = [x for x in str(e.value).splitlines()[1:] if "render.zero123.resolution" in x]  # [0]: the --set echo
+    assert len(line) == 1 and "models.teacher.tile_size=128" in line[0] and "render at >= 128 px" in line[0]
+    load_config(None, ["render.zero123.resolution=128", "models.teacher.tile_size=128"])
+    load_config(None, ["render.zero123.resolution=320", "models.teacher.tile_size=64"])  # downsampled: fine
+
+
+def test_zero123_elevations_of_renders_and_reconstructor_agree():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["models.reconstructor.zero123_elevations=[30,-20]"])
+    msg = str(e.value)
+    assert "render.zero123.elevations=[20.0, -10.0]" in msg and "models.reconstructor.zero123_elevations=[30.0, -20.0]" in msg
+    load_config(None, ["models.reconstructor.zero123_elevations=[30,-20]", "render.zero123.elevations=[30,-20]"])
+    # GECO's own quirk (LGM told v1.1's 30/-20 for v1.2's views) only with both models pretrained
+    load_config(None, ["models.reconstructor.zero123_elevations=[30,-20]", "models.teacher.pretrained=/w/teacher",
+                       "models.reconstructor.pretrained=/w/lgm.safetensors"])
+    with pytest.raises(ConfigError, match="zero123_elevations"):
+        load_config(None, ["models.reconstructor.zero123_elevations=[30,-20]", "models.teacher.pretrained=/w/teacher"])

