@@ -213,7 +213,7 @@ def test_bad_config_names_the_file_and_field(tmp_path, capsys):
 def test_objaverse_uids_render_with_licences_and_filter(tmp_path, ray_local):
     """Objaverse UIDs resolve through the objaverse package's on-disk cache layout (no network
     here); licences land in meta.json and `exclude_licenses` drops non-commercial objects."""
-    from geco.sources import write_fake_objaverse_cache
+    from tests.fake_objaverse import write_fake_objaverse_cache
     from pipelines import render
 
     glb = [make_procedural_glb(i, 0, tmp_path / "glbs").read_bytes() for i in range(3)]

@@ -32,8 +32,8 @@ from geco.sources import (
     parse_procedural_uri,
     read_uid_list,
     source_list_hash,
-    write_fake_objaverse_cache,
 )
+from tests.fake_objaverse import write_fake_objaverse_cache
 
 
 # ---------------------------------------------------------------------------------------------
