@@ -14,17 +14,14 @@ from PIL import Image
 
 from geco.cameras import Camera, sample_object_cameras
 from geco.data.loader import (
-    ShardDataset,
     iter_raw_samples,
     iter_samples,
     manifest_filter,
-    register_s3_gopen,
     shard_uris_from_manifest,
 )
 from geco.data.schema import (
     MAX_KEY_LEN,
     SampleError,
-    collate_samples,
     decode_sample,
     member_names,
     sample_from_dir,
@@ -44,6 +41,7 @@ from geco.data.shards import (
     write_failures,
     write_manifest_version,
 )
+from tests.torch_shards import ShardDataset, collate_samples, register_s3_gopen
 
 NUM_RANDOM = 2
 RES = {"cond": 16, "zero123": 12, "random": 8}
