@@ -136,6 +136,9 @@ class DatasetConfig(_Strict):
     # train split once into Ray's object store (no read work competing with training after that);
     # "auto" materializes when the split's shards take under a quarter of the object store.
     training_input: Literal["auto", "stream", "materialize"] = "auto"
+    # A render removes temporaries of killed shard writers (e.g. .shard-000003.tar.tmp-*, incomplete
+    # S3 uploads): at once when their writer's pid on this host is gone, else once untouched this long.
+    stale_temp_hours: float = Field(24.0, gt=0)
 
 
 class JobLimitsConfig(_Strict):
