@@ -87,7 +87,7 @@ def _report_failure(err: BaseException, message: str) -> int | None:
     from geco.storage import StorageError
 
     if isinstance(err, (ConfigError, StorageError, FileNotFoundError)) or type(err).__name__ in (
-            "TrainSetupError", "RenderAborted"):
+            "TrainSetupError", "RenderAborted", "SourceError", "UnsafePath"):
         print(f"geco: {message}", file=sys.stderr)
         return 2
     if type(err).__name__ == "TrainingFailedError":

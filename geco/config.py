@@ -38,11 +38,14 @@ class _Strict(BaseModel):
 # Object sources
 # --------------------------------------------------------------------------------------------
 class SourceConfig(_Strict):
-    kind: Literal["dir", "objaverse", "gso", "procedural"] = "procedural"
+    # auto (default): detected from `uri` — empty or procedural:// -> procedural, a .txt/.csv file
+    # -> objaverse, a folder/prefix of <name>/meshes/model.obj -> gso, any other folder or s3://
+    # prefix -> dir. Or set one explicitly (a kind is a module of geco/sources/):
     # dir: a local directory or s3:// prefix of .glb/.gltf/.obj files (+ .mtl and textures).
     # objaverse: a local or s3:// text file with one Objaverse UID per line.
     # gso: a Google Scanned Objects folder (<name>/meshes/model.obj).
     # procedural: textured objects generated in code (tests and the embedded demo).
+    kind: str = "auto"
     uri: str = ""
     # procedural only: how many objects to generate.
     num_procedural: int = Field(8, ge=1)
@@ -55,8 +58,12 @@ class SourceConfig(_Strict):
     exclude_licenses: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _uri_needed(self) -> "SourceConfig":
-        if self.kind != "procedural" and not self.uri:
+    def _kind_and_uri(self) -> "SourceConfig":
+        from geco.sources import AUTO, KINDS  # the registry of kinds (geco.sources imports this module)
+
+        if self.kind != AUTO and self.kind not in KINDS:
+            raise ValueError(f"source.kind={self.kind!r}: choose auto or one of {', '.join(sorted(KINDS))}")
+        if self.kind not in (AUTO, "procedural") and not self.uri:
             raise ValueError(f"source.uri is required for source.kind={self.kind!r}")
         return self
 
@@ -144,6 +151,9 @@ class DatasetConfig(_Strict):
     # train split once into Ray's object store (no read work competing with training after that);
     # "auto" materializes when the split's shards take under a quarter of the object store.
     training_input: Literal["auto", "stream", "materialize"] = "auto"
+    # A render removes temporaries of killed shard writers (e.g. .shard-000003.tar.tmp-*, incomplete
+    # S3 uploads): at once when their writer's pid on this host is gone, else once untouched this long.
+    stale_temp_hours: float = Field(24.0, gt=0)
 
 
 class JobLimitsConfig(_Strict):

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -341,7 +342,9 @@ def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # the writer's pid@host in the name lets a later run tell a killed writer's leftover from a live
+    # one (geco.data.shards.clean_stale_temporaries)
+    tmp_path = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}-{os.getpid()}@{socket.gethostname()}"
     try:
         with open(tmp_path, "wb") as f:
             yield f

@@ -12,13 +12,23 @@ and the child restarted, and Blender's exit-time segfault never decides success.
 actor that dies (`max_restarts=-1`) and retries its object (`max_task_retries=-1`).
 
 Resumable: the committed shard index files are the source of truth, so a job killed midway
-resumes with what it committed; a re-run with the same config renders nothing.
+resumes with what it committed (and removes the temporaries it left: see
+:func:`geco.data.shards.clean_stale_temporaries`); a re-run with the same config renders
+nothing and writes no new manifest or failures version.
+
+Failures: an object the renderer cannot render (or the source rejects) is a property of the
+object: recorded once and skipped on re-runs (``--retry-failed`` tries again). A failure to
+*fetch* it (file not found, S3 unreachable, no network) is the environment's: recorded as
+``retryable`` and tried again on the next run. A run in which no object of the source is
+rendered (all failed, now or before, or rejected) raises :class:`RenderAborted`; a source with
+nothing in it raises :class:`geco.sources.SourceError`.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import os
 import statistics
 import tarfile
@@ -33,11 +43,12 @@ from geco import storage
 from geco.config import GecoConfig, RenderConfig
 from geco.data import schema, shards
 from geco.data.cache import ObjectCache
-from geco.sources import ObjectRef, list_objects, source_list_hash
+from geco.sources import ObjectRef, SourceError, SourceListing, UnsafePath, list_objects, source_list_hash
 from geco.tracking import image_grid, start_run
 from pipelines.cluster import init_ray
 
 FAULT_ENV = "GECO_RENDER_FAULT"  # test-only fault injection, forwarded to the render actors
+log = logging.getLogger(__name__)
 
 
 class RenderAborted(RuntimeError):
@@ -54,7 +65,10 @@ class RenderOutputs:
     skipped: int = 0
     failed: int = 0
     previously_failed: int = 0
+    rejected: int = 0
     excluded: int = 0
+    source: str = ""
+    stale_removed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     render_seconds: list[float] = field(default_factory=list)
     mlflow_run_id: str | None = None
@@ -68,11 +82,15 @@ class RenderOutputs:
         lines = [
             f"render: {self.rendered} rendered, {self.skipped} skipped (already done), "
             f"{self.failed} failed, {self.previously_failed} skipped (failed before; --retry-failed), "
-            f"{self.excluded} excluded by licence",
+            f"{self.rejected} rejected by the source, {self.excluded} excluded by licence",
             f"  {len(self.new_shards)} new shard(s) in {self.dataset_uri}; "
             f"{self.seconds:.1f} s wall, {self.seconds_per_object:.2f} s/object"
             + (f" (median {statistics.median(self.render_seconds):.2f} s in a renderer)" if self.render_seconds else ""),
         ]
+        if self.source:
+            lines.append(f"  {self.source}")
+        if self.stale_removed:
+            lines.append(f"  removed {len(self.stale_removed)} temporary file(s) of killed writers")
         if self.manifest_uri:
             lines.append(f"  manifest: {self.manifest_uri}")
         if self.failures_uri:
@@ -134,12 +152,16 @@ class RenderActor:
         from geco.render.views import blender_settings, cameras_for
 
         out = {"object_id": ref.object_id, "uri": ref.uri, "ok": False, "reason": "", "log_tail": "",
-               "seconds": 0.0, "sample": b"", "meta": "{}"}
+               "seconds": 0.0, "sample": b"", "meta": "{}", "retryable": False}
         t0 = time.perf_counter()
         try:
             path = self.cache.fetch(ref)
-        except Exception as e:  # unreadable/missing object: recorded, never fatal to the job
-            out.update(reason=f"fetch failed: {type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+        except UnsafePath as e:  # the object's own files are unsafe: a property of the object
+            out.update(reason=str(e), seconds=time.perf_counter() - t0)
+            return out
+        except Exception as e:  # missing file, S3 or network down: the environment's, retried next run
+            out.update(reason=f"fetch failed: {type(e).__name__}: {e}", seconds=time.perf_counter() - t0,
+                       retryable=True)
             return out
         self._maybe_die(ref.object_id)
         cams = [c.to_dict() for c in cameras_for(ref.object_id, self.render)]
@@ -190,6 +212,51 @@ def _contact_sheet(samples: list[tuple[str, dict[str, bytes]]]) -> np.ndarray:
     return image_grid(tiles, cols=7)
 
 
+def is_retryable(failure: dict) -> bool:
+    """Whether a recorded failure was the environment's (tried again on the next run). Rows
+    written before the flag existed: fetch failures were the environment's."""
+    return bool(failure.get("retryable", str(failure.get("reason", "")).startswith("fetch failed:")))
+
+
+def plan(refs: list[ObjectRef], hashes: dict[str, str], done: dict[str, str], prev_failures: dict[str, dict], *,
+         force: bool = False, retry_failed: bool = False) -> tuple[list[ObjectRef], int, int]:
+    """``(todo, skipped, previously_failed)``: an object is skipped when committed with the same
+    render hash, and skipped as failed before when its last failure had the same render hash and
+    was not :func:`is_retryable`."""
+    todo, skipped, previously_failed = [], 0, 0
+    for ref in refs:
+        h = hashes[ref.object_id]
+        prev = prev_failures.get(ref.object_id)
+        if not force and done.get(ref.object_id) == h:
+            skipped += 1
+        elif not force and not retry_failed and prev and prev.get("render_hash") == h and not is_retryable(prev):
+            previously_failed += 1
+        else:
+            todo.append(ref)
+    return todo, skipped, previously_failed
+
+
+def rejected_failures(rejected: list[ObjectRef], prev_failures: dict[str, dict]) -> list[dict]:
+    """Failure rows for the source's rejected refs, except those already recorded as they are
+    (a re-run over the same rejected files adds nothing)."""
+    rows = []
+    for r in rejected:
+        prev = prev_failures.get(r.object_id)
+        if prev and prev.get("uri") == r.uri and prev.get("reason") == r.reason:
+            continue
+        rows.append({"object_id": r.object_id, "uri": r.uri, "reason": r.reason, "log_tail": "", "seconds": 0.0,
+                     "render_hash": "", "retryable": False})
+    return rows
+
+
+def _nothing_rendered(listing: SourceListing, result: RenderOutputs, failures: list[dict]) -> str:
+    reasons = "; ".join(sorted({f["reason"].splitlines()[0][:120] for f in failures if f.get("reason")})[:3])
+    return (f"none of the {len(listing.objects) + len(listing.rejected)} objects of {listing.uri or listing.kind} "
+            f"rendered ({result.failed} failed now, {result.previously_failed} failed before, {result.rejected} "
+            f"rejected by the source)" + (f"; reasons: {reasons}" if reasons else "")
+            + f"; see the failures table in {result.dataset_uri} (--retry-failed tries again)")
+
+
 def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
         parent_run_id: str | None = None) -> RenderOutputs:
     """Render ``cfg.source`` into shards at ``cfg.dataset.uri``; returns what it wrote."""
@@ -197,32 +264,33 @@ def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
 
     t_start = time.perf_counter()
     out_uri = cfg.dataset.uri
-    # Fail fast, before any work: output writable, source readable.
+    # Fail fast, before any work: output writable, source readable and not empty.
     storage.check_writable(out_uri)
-    if cfg.source.kind != "procedural":
+    if storage.is_s3(cfg.source.uri):
         storage.check_readable(cfg.source.uri)
 
     listing = list_objects(cfg.source)
+    log.info("render: %s", listing.describe())
     refs, rejected, excluded = listing.objects, listing.rejected, listing.excluded
+    if not (refs or rejected or excluded):
+        raise SourceError(f"{listing.uri or listing.kind}: the source has no objects to render ({listing.describe()})")
+    if rejected:
+        log.warning("render: %d file(s) of the source cannot be rendered and are recorded as failures, e.g. %s: %s",
+                    len(rejected), rejected[0].uri, rejected[0].reason)
+    stale = shards.clean_stale_temporaries(out_uri, cfg.dataset.stale_temp_hours * 3600)
+    if stale:
+        log.warning("render: removed %d temporary file(s) left by killed writers: %s", len(stale), ", ".join(stale))
     state = shards.committed_state(out_uri)
     done: dict[str, str] = state["objects"]  # object id -> render hash of its committed sample
     prev_failures = {r["object_id"]: r for r in shards.read_failures(out_uri)}
 
-    todo, skipped, previously_failed = [], 0, 0
     hashes = {r.object_id: render_hash(r, cfg.render) for r in refs}
-    for ref in refs:
-        h = hashes[ref.object_id]
-        if not force and done.get(ref.object_id) == h:
-            skipped += 1
-        elif not force and not retry_failed and prev_failures.get(ref.object_id, {}).get("render_hash") == h:
-            previously_failed += 1
-        else:
-            todo.append(ref)
-    failures = [{"object_id": r.object_id, "uri": r.uri, "reason": r.reason, "log_tail": "", "seconds": 0.0,
-                 "render_hash": ""} for r in rejected]
+    todo, skipped, previously_failed = plan(refs, hashes, done, prev_failures, force=force, retry_failed=retry_failed)
+    failures = rejected_failures(rejected, prev_failures)
 
     result = RenderOutputs(dataset_uri=out_uri, manifest_uri=None, failures_uri=None, skipped=skipped,
-                           previously_failed=previously_failed, excluded=len(excluded))
+                           previously_failed=previously_failed, rejected=len(rejected), excluded=len(excluded),
+                           source=listing.describe(), stale_removed=stale)
     writer = shards.ShardWriter(out_uri, cfg.dataset.samples_per_shard, start_index=state["next_index"])
     sheet: list[tuple[str, dict[str, bytes]]] = []
     abort: str | None = None
@@ -264,8 +332,8 @@ def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
                         sheet.append((oid, members))
                 else:
                     result.failed += 1
-                    failures.append({k: row[k] for k in ("object_id", "uri", "reason", "log_tail", "seconds")}
-                                    | {"render_hash": hashes[oid]})
+                    failures.append({k: row[k] for k in ("object_id", "uri", "reason", "log_tail", "seconds",
+                                                         "retryable")} | {"render_hash": hashes[oid]})
                 rate = result.failed / attempted
                 if attempted >= cfg.limits.min_attempts and rate > cfg.limits.max_failure_rate:
                     reasons = "; ".join(sorted({f["reason"][:120] for f in failures[-5:]}))
@@ -275,16 +343,20 @@ def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
                     break
         writer.close()  # commits the last partial shard
         result.new_shards = [storage.join(out_uri, c["shard"]) for c in writer.committed]
-        if result.new_shards or failures or not shards.read_latest_manifest(out_uri):
+        latest = shards.read_latest_manifest(out_uri)
+        list_hash, settings_hash = source_list_hash(refs), cfg.render.settings_hash()
+        if result.new_shards or failures or latest is None or latest.get("source_list_hash") != list_hash \
+                or latest.get("settings_hash") != settings_hash:  # a new version only when something changed
             result.manifest_uri = shards.write_manifest_version(
-                out_uri, settings_hash=cfg.render.settings_hash(), source_list_hash=source_list_hash(refs),
+                out_uri, settings_hash=settings_hash, source_list_hash=list_hash,
                 config=cfg.model_dump(mode="json"), failures=failures)
         if failures:
             result.failures_uri = shards.write_failures(out_uri, result.manifest_uri, failures)
         result.seconds = time.perf_counter() - t_start
 
         tracker.log_metrics({"rendered": result.rendered, "skipped": result.skipped, "failed": result.failed,
-                             "previously_failed": result.previously_failed, "excluded": result.excluded,
+                             "previously_failed": result.previously_failed, "rejected": result.rejected,
+                             "excluded": result.excluded, "stale_temporaries_removed": len(stale),
                              "new_shards": len(result.new_shards), "seconds": result.seconds,
                              "seconds_per_object": result.seconds_per_object,
                              "objects_per_min": 60 * (result.rendered + result.failed) / max(result.seconds, 1e-9)})
@@ -298,4 +370,6 @@ def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
 
     if abort:
         raise RenderAborted(abort + f"\nCommitted shards and the failures table are kept in {out_uri}.")
+    if (refs or rejected) and result.rendered + result.skipped == 0:
+        raise RenderAborted(_nothing_rendered(listing, result, failures + list(prev_failures.values())))
     return result

@@ -4,14 +4,11 @@
 beside it as their relative paths expect (``.mtl`` next to the ``.obj``, textures where the
 ``.mtl`` says):
 
-* local ``dir``/``gso`` files are used **in place** (no copy), unless the ref has
-  ``extra["aliases"]`` (GSO's texture that the ``.mtl`` expects beside the mesh): then the entry
-  is a folder of symlinks to the originals plus the alias links;
-* ``s3://`` objects are downloaded with their sidecars, keeping their layout relative to the
-  deepest folder that holds them all;
-* ``procedural://`` objects are generated on demand;
-* ``objaverse`` refs go through the ``objaverse`` package's own cache
-  (:func:`geco.sources.fetch_objaverse`); those files are the package's, outside this cache's cap.
+the ref's source kind decides (:class:`geco.sources.Source`): ``local_path(ref)`` is a file usable
+in place (local ``dir``/``gso`` files, the ``objaverse`` package's own cache), otherwise
+``build(ref, folder)`` fills a new entry (``s3://`` downloads, GSO's texture aliases, generated
+``procedural://`` objects). This module knows no kind by name. An entry whose files would land
+outside its folder is refused (:class:`geco.sources.UnsafePath`), whatever the kind.
 
 Layout under ``dir`` (default: ``<system temp>/geco-object-cache-<uid>``, shared by the processes
 of one user on a node)::
@@ -46,7 +43,7 @@ from pathlib import Path
 from stat import S_ISDIR
 from typing import IO
 
-from geco import storage
+from geco.sources import UnsafePath, kind_of
 
 MARKER = ".geco-entry.json"
 
@@ -72,15 +69,9 @@ class ObjectCache:
     # -- public --------------------------------------------------------------------------------
     def fetch(self, ref) -> Path:
         """A local path of ``ref``'s main file (see the module docstring for each kind)."""
-        if ref.source_kind == "objaverse":
-            from geco.sources import fetch_objaverse
-
-            return fetch_objaverse(ref)
-        if ref.source_kind != "procedural" and not storage.is_s3(ref.uri) and not ref.extra.get("aliases"):
-            path = Path(ref.uri)
-            if not path.is_file():
-                raise FileNotFoundError(f"{ref.uri}: object file not found")
-            return path
+        in_place = kind_of(ref).local_path(ref)
+        if in_place is not None:
+            return in_place
         key = entry_key(ref)
         with self._entry_lock(key, fcntl.LOCK_SH):  # shared: fine while this process pins it
             path = self._lookup(key)
@@ -93,9 +84,9 @@ class ObjectCache:
     @contextlib.contextmanager
     def pinned(self, ref) -> Iterator[Path]:
         """``with cache.pinned(ref) as path:`` — the entry cannot be evicted inside the block."""
-        if ref.source_kind == "objaverse" or (ref.source_kind != "procedural" and not storage.is_s3(ref.uri)
-                                              and not ref.extra.get("aliases")):
-            yield self.fetch(ref)
+        in_place = kind_of(ref).local_path(ref)
+        if in_place is not None:
+            yield in_place
             return
         key = entry_key(ref)
         for _ in range(5):
@@ -222,34 +213,10 @@ class ObjectCache:
         return final / main
 
     def _build(self, ref, out: Path) -> str:
-        """Fill ``out`` with the object's files; returns the main file's path relative to it."""
-        if ref.source_kind == "procedural":
-            from geco.data.procedural import make_procedural
-            from geco.sources import parse_procedural_uri
-
-            index, seed, fmt = parse_procedural_uri(ref.uri)
-            return make_procedural(index, seed, out, fmt).relative_to(out).as_posix()
-        uris = [ref.uri, *ref.sidecars]
-        if storage.is_s3(ref.uri):
-            keys = [storage.split_s3(u)[1] for u in uris]
-            common = posixpath.commonpath([posixpath.dirname(k) for k in keys]) if len(keys) > 1 else \
-                posixpath.dirname(keys[0])
-            rels = {u: posixpath.relpath(k, common or ".") for u, k in zip(uris, keys)}
-            for u, rel in rels.items():
-                storage.download(u, out / rel)
-        else:  # local files with aliases: a folder of links, nothing copied
-            paths = [os.path.abspath(u) for u in uris]
-            common = os.path.commonpath([os.path.dirname(p) for p in paths])
-            rels = {u: os.path.relpath(p, common) for u, p in zip(uris, paths)}
-            for u, rel in rels.items():
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(os.path.abspath(u), out / rel)
-        main = rels[ref.uri]
-        main_dir = posixpath.dirname(main)
-        for alias, target_uri in ref.extra.get("aliases", {}).items():
-            link = posixpath.normpath(posixpath.join(main_dir, alias))
-            if link.startswith("../") or link in rels.values() or target_uri not in rels:
-                continue  # outside the entry, a real file already, or not one of its files
-            (out / link).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(posixpath.relpath(rels[target_uri], posixpath.dirname(link) or "."), out / link)
+        """Fill ``out`` with the object's files (its kind's ``build``, which refuses sidecar
+        paths that leave ``out``); the main file's path relative to ``out``, checked too."""
+        main = kind_of(ref).build(ref, out)
+        norm = posixpath.normpath(main)
+        if posixpath.isabs(norm) or norm == ".." or norm.startswith("../"):
+            raise UnsafePath(f"{ref.object_id}: main file {main!r} lies outside its cache entry; refusing it")
         return main

@@ -33,7 +33,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ import torch
 __all__ = [
     "MAX_KEY_LEN",
     "SampleError",
-    "collate_samples",
     "decode_sample",
     "member_names",
     "sample_from_dir",
@@ -430,22 +429,3 @@ def decode_sample(sample: Mapping[str, Any], background=(1.0, 1.0, 1.0), views="
     out["cameras"] = cameras
     out["meta"] = meta
     return out
-
-
-def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Batch decoded samples: tensors are stacked (recursively in groups), everything else
-    (keys, names, cameras, meta) becomes a list. All samples must have the same groups/shapes."""
-    if not batch:
-        raise ValueError("empty batch")
-    out: dict[str, Any] = {}
-    for field in batch[0]:
-        values = [b[field] for b in batch]
-        first = values[0]
-        if isinstance(first, torch.Tensor):
-            out[field] = torch.stack(values)
-        elif isinstance(first, Mapping) and any(isinstance(v, torch.Tensor) for v in first.values()):
-            out[field] = collate_samples(values)
-        else:
-            out[field] = list(values)
-    return out
-

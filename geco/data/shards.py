@@ -27,6 +27,15 @@ Commit protocol (what makes crashes and re-runs safe):
 * The train/val split of an object is :func:`split_for` (a stable hash of its key), so it never
   changes when objects are added.
 
+Temporaries of killed writers: a driver killed while a shard is open leaves its temporary
+(locally ``.shard-NNNNNN.tar.tmp-<random>-<pid>@<host>``, on S3 an incomplete multipart upload,
+invisible but billed). :func:`clean_stale_temporaries` removes them on the next run when their
+writer is dead: on this host, its pid is gone; elsewhere (or with no pid in the name), the file
+was last written longer ago than ``max_age_s`` (S3: the upload was initiated that long ago). A
+live writer on this host is never touched; one on another host only once it has written nothing
+for ``max_age_s``, so keep that longer than any pause of a writer (``dataset.stale_temp_hours``).
+Caveat: two containers sharing one hostname but not a pid namespace look like one host.
+
 Tar bytes are reproducible: members are written in sorted order with fixed mtime/uid/gid/mode
 in the ustar format, so the same samples in the same order give byte-identical shards.
 """
@@ -36,8 +45,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
+import socket
 import tarfile
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -49,6 +61,7 @@ from geco.data.schema import SampleError, sanitize_object_id
 __all__ = [
     "ShardExistsError",
     "ShardWriter",
+    "clean_stale_temporaries",
     "committed_state",
     "current_samples",
     "index_uri",
@@ -72,6 +85,8 @@ FAILURES_DIR = "failures"
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so shard bytes are reproducible
 _SHARD_RE = re.compile(r"shard-(\d{6})\.(tar|json)")
 _VERSION_RE = re.compile(r"v(\d{6})\.(json|jsonl)")
+# geco.storage.atomic_writer's local temporaries: .<name>.tmp-<random8>[-<pid>@<host>]
+_TEMP_RE = re.compile(r"\..+\.tmp-[0-9a-f]{8}(?:-(?P<pid>\d+)@(?P<host>[A-Za-z0-9.\-]+))?")
 
 
 class ShardExistsError(FileExistsError):
@@ -546,3 +561,55 @@ def read_failures(output: str, drop_committed: bool = False) -> list[dict]:
         done = committed_state(output)["objects"]
         rows = [r for r in rows if r.get("key", sanitize_object_id(r["object_id"])) not in done]
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# leftovers of killed writers
+# --------------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _writer_dead(name: str, mtime: float, max_age_s: float, now: float) -> bool:
+    m = _TEMP_RE.fullmatch(name)
+    if m is None:
+        return False
+    if m.group("pid") and m.group("host") == socket.gethostname():
+        return not _pid_alive(int(m.group("pid")))
+    return now - mtime > max_age_s
+
+
+def clean_stale_temporaries(output: str, max_age_s: float, now: float | None = None) -> list[str]:
+    """Remove the temporaries of dead writers under ``output`` (shards, indexes, manifest and
+    failures versions); returns what was removed (see the module docstring for "dead")."""
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    output = str(output).rstrip("/")
+    if storage.is_s3(output):
+        bucket, key = storage.split_s3(output)
+        prefix = key.rstrip("/") + "/" if key else ""
+        client = storage.s3_client()
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+            for up in page.get("Uploads", []):
+                if now - up["Initiated"].timestamp() > max_age_s:
+                    client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    removed.append(f"s3://{bucket}/{up['Key']} (incomplete upload {up['UploadId']})")
+        return removed
+    for folder in (output, storage.join(output, MANIFEST_DIR), storage.join(output, FAILURES_DIR)):
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):  # its writer finished (or another run removed it)
+                if entry.is_file(follow_symlinks=False) and \
+                        _writer_dead(entry.name, entry.stat(follow_symlinks=False).st_mtime, max_age_s, now):
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+    return sorted(removed)

@@ -91,9 +91,11 @@ def test_local_dir_render_records_failures_and_resumes(tmp_path, ray_local):
     flagged = json.dumps(metas["missing_tex-procedural-0003"]).lower()
     assert "missing" in flagged and "texture" in flagged
 
-    # Re-run with the same config: nothing is rendered, failures are not retried.
+    # Re-run with the same config: nothing is rendered, failures are not retried, nothing is
+    # re-versioned (the rejected .fbx is counted, not recorded again).
     again = render.run(cfg)
     assert (again.rendered, again.skipped, again.previously_failed) == (0, 3, 4), again.summary()
+    assert again.rejected == 1 and (again.manifest_uri, again.failures_uri) == (None, None)
 
     # Add one object and change another: only those two render; each key stays unique.
     make_procedural_glb(4, 0, src)
@@ -103,7 +105,7 @@ def test_local_dir_render_records_failures_and_resumes(tmp_path, ray_local):
     assert inc.rendered == 2 and inc.skipped == 2, inc.summary()
     keys = keys_in(out)
     assert sorted(keys) == sorted(good | {"procedural-0004"})
-    assert len(shards.list_manifest_versions(out)) >= 3
+    assert len(shards.list_manifest_versions(out)) == 2  # the first run's, this one's (none for the re-run)
 
     # --force re-renders everything still present; readers still see each object once.
     forced = render.run(cfg, force=True)
@@ -147,6 +149,30 @@ def test_s3_render_with_mlflow_server_and_ray_data_reader(tmp_path, ray_local, s
     assert run.data.params["source.kind"] == "dir"
     artifacts = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
     assert {"contact_sheet.png", "manifest.json"} <= artifacts
+
+
+def test_relative_source_renders_and_a_run_with_no_success_fails(tmp_path, ray_local, monkeypatch):
+    """Issue #10 item 1: a relative --source used to fail every object in the actors (another
+    working directory), and "0 rendered, 2 failed" was a success."""
+    from pipelines import render
+
+    make_procedural_glb(0, 0, tmp_path / "objs")
+    make_procedural_glb(1, 0, tmp_path / "objs")
+    (tmp_path / "broken").mkdir()
+    for name in ("zero_byte.glb", "text.glb"):
+        (tmp_path / "broken" / name).write_bytes(b"" if name == "zero_byte.glb" else b"not a glTF file\n")
+    monkeypatch.chdir(tmp_path)
+    res = render.run(tiny_config(tmp_path, "auto", "objs", str(tmp_path / "out")))
+    assert (res.rendered, res.failed) == (2, 0), res.summary()
+    assert f"source: dir (detected from the URI; set source.kind to choose) {tmp_path / 'objs'}" in res.summary()
+
+    out = str(tmp_path / "out-broken")
+    with pytest.raises(render.RenderAborted, match="none of the 2 objects .*2 failed now"):
+        render.run(tiny_config(tmp_path, "dir", "broken", out))
+    fails = shards.read_failures(out)
+    assert len(fails) == 2 and not any(f["retryable"] for f in fails)  # the objects' fault: not retried
+    with pytest.raises(render.RenderAborted, match="2 failed before"):
+        render.run(tiny_config(tmp_path, "dir", "broken", out))
 
 
 def test_hang_times_out_and_killed_actor_is_restarted(tmp_path, ray_local, monkeypatch):
@@ -213,8 +239,8 @@ def test_bad_config_names_the_file_and_field(tmp_path, capsys):
 def test_objaverse_uids_render_with_licences_and_filter(tmp_path, ray_local):
     """Objaverse UIDs resolve through the objaverse package's on-disk cache layout (no network
     here); licences land in meta.json and `exclude_licenses` drops non-commercial objects."""
-    from geco.sources import write_fake_objaverse_cache
     from pipelines import render
+    from tests.fake_objaverse import write_fake_objaverse_cache
 
     glb = [make_procedural_glb(i, 0, tmp_path / "glbs").read_bytes() for i in range(3)]
     uids = ["a" * 32, "b" * 32, "c" * 32]

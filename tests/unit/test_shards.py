@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +16,14 @@ from PIL import Image
 
 from geco.cameras import Camera, sample_object_cameras
 from geco.data.loader import (
-    ShardDataset,
     iter_raw_samples,
     iter_samples,
     manifest_filter,
-    register_s3_gopen,
     shard_uris_from_manifest,
 )
 from geco.data.schema import (
     MAX_KEY_LEN,
     SampleError,
-    collate_samples,
     decode_sample,
     member_names,
     sample_from_dir,
@@ -35,6 +34,7 @@ from geco.data.schema import (
 from geco.data.shards import (
     ShardExistsError,
     ShardWriter,
+    clean_stale_temporaries,
     committed_state,
     list_manifest_versions,
     read_failures,
@@ -44,6 +44,7 @@ from geco.data.shards import (
     write_failures,
     write_manifest_version,
 )
+from tests.torch_shards import ShardDataset, collate_samples, register_s3_gopen
 
 NUM_RANDOM = 2
 RES = {"cond": 16, "zero123": 12, "random": 8}
@@ -406,3 +407,56 @@ def test_s3_round_trip(s3_bucket):
 
     register_s3_gopen()  # plain webdataset over s3:// through geco.storage
     assert [s["__key__"] for s in wds.WebDataset(uris, shardshuffle=False)] == ["a", "b", "c"]
+
+
+# ------------------------------------------------------------------------------------------
+# temporaries of killed writers (issue #10 item 10)
+# ------------------------------------------------------------------------------------------
+def _killed_mid_shard(out: str) -> None:
+    """A child process opens a shard, writes one sample and dies without cleaning up."""
+    pid = os.fork()
+    if pid == 0:
+        w = ShardWriter(out, 4, 0)
+        w.add(sample_from_members("dead", make_members("dead")), "h", "train")
+        w._open["train"]._file._f.flush()
+        os._exit(0)  # killed: no close, no __del__
+    os.waitpid(pid, 0)
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    out = str(tmp_path / "out")
+    _killed_mid_shard(out)
+    (dead,) = [p for p in Path(out).iterdir() if ".tmp-" in p.name]
+    assert dead.name.startswith(".shard-000000.tar.tmp-") and dead.stat().st_size > 0
+    live = ShardWriter(out, 4, 1)  # a concurrent writer in this (live) process
+    live.add(sample_from_members("live", make_members("live")), "h", "train")
+    (live_tmp,) = [p for p in Path(out).iterdir() if ".tmp-" in p.name and p != dead]
+    other_host = Path(out) / ".shard-000007.tar.tmp-0123abcd-42@another-host.example"
+    other_host.write_bytes(b"x")  # another host's writer, recently active
+    unknown_old = Path(out) / ".shard-000008.tar.tmp-89abcdef"  # no pid/host in the name, old
+    unknown_old.write_bytes(b"x")
+    os.utime(unknown_old, (time.time() - 7200, time.time() - 7200))
+
+    removed = clean_stale_temporaries(out, max_age_s=3600)
+    assert removed == sorted([str(dead), str(unknown_old)])
+    assert live_tmp.exists() and other_host.exists() and not dead.exists()
+    live.close()  # the live writer loses nothing
+    assert [s["key"] for s in committed_state(out)["shards"][0]["samples"]] == ["live"]
+    assert clean_stale_temporaries(out, max_age_s=3600) == []
+    assert clean_stale_temporaries(out, max_age_s=3600, now=time.time() + 7200) == [str(other_host)]
+
+
+@pytest.mark.s3
+def test_stale_incomplete_s3_uploads_are_aborted(s3_bucket):
+    from geco import storage
+
+    out = f"{s3_bucket}/shards"
+    bucket, key = storage.split_s3(out)
+    client = storage.s3_client()
+    up = client.create_multipart_upload(Bucket=bucket, Key=f"{key}/shard-000000.tar")
+    client.upload_part(Bucket=bucket, Key=f"{key}/shard-000000.tar", UploadId=up["UploadId"], PartNumber=1,
+                       Body=b"x" * 1024)
+    assert clean_stale_temporaries(out, max_age_s=3600) == []  # young: a writer may still be at it
+    (removed,) = clean_stale_temporaries(out, max_age_s=3600, now=time.time() + 7200)
+    assert removed.startswith(f"{out}/shard-000000.tar (incomplete upload")
+    assert client.list_multipart_uploads(Bucket=bucket, Prefix=f"{key}/").get("Uploads", []) == []

@@ -25,6 +25,7 @@ from geco.sources import (
     GSO_LICENSE,
     ObjectRef,
     SourceError,
+    UnsafePath,
     fetch,
     list_objects,
     objaverse_base,
@@ -32,8 +33,8 @@ from geco.sources import (
     parse_procedural_uri,
     read_uid_list,
     source_list_hash,
-    write_fake_objaverse_cache,
 )
+from tests.fake_objaverse import write_fake_objaverse_cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,3 +531,103 @@ def test_gso_on_s3_lays_out_the_texture_alias(s3_bucket, tmp_path):
     assert path.relative_to(path.parents[1]).as_posix() == "meshes/model.obj"
     assert (path.parent / "texture.png").read_bytes() == (root / "Squirrel/materials/textures/texture.png").read_bytes()
     assert (path.parents[1] / "materials/textures/texture.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #10: relative paths (1), the kind from the URI (2), unsafe sidecar paths (13)
+# ---------------------------------------------------------------------------------------------
+def test_relative_local_source_lists_absolute_paths(tmp_path, monkeypatch):
+    make_mixed_folder(tmp_path / "objs")
+    monkeypatch.chdir(tmp_path)
+    listing = list_objects(SourceConfig(kind="dir", uri="objs"))
+    assert listing.uri == str(tmp_path / "objs")
+    for ref in listing.objects + listing.rejected:
+        assert Path(ref.uri).is_absolute() and Path(ref.uri).exists(), ref.uri
+        assert all(Path(s).is_absolute() for s in ref.sidecars)
+    monkeypatch.chdir("/")  # a renderer runs elsewhere: the refs still point at the files
+    assert all(Path(r.uri).is_file() for r in listing.objects)
+    # the hash ignores where the folder is: moving it re-renders nothing
+    moved = list_objects(SourceConfig(kind="dir", uri=str(tmp_path / "objs")))
+    assert source_list_hash(moved.objects) == source_list_hash(listing.objects)
+
+
+def test_kind_is_detected_from_the_uri(tmp_path, fake_objaverse):
+    base, uid_file, _ = fake_objaverse
+    assert SourceConfig().kind == "auto"
+    folder = make_mixed_folder(tmp_path / "objs")
+    make_gso(tmp_path / "gso", "Squirrel", 0)
+    cases = {str(folder): "dir", str(tmp_path / "gso"): "gso", str(uid_file): "objaverse", "": "procedural",
+             "procedural://?seed=3": "procedural"}
+    for uri, kind in cases.items():
+        listing = list_objects(SourceConfig(uri=uri, objaverse_cache=str(base), num_procedural=2))
+        assert (listing.kind, listing.inferred) == (kind, True), uri
+        assert listing.objects and {r.source_kind for r in listing.objects} == {kind}
+        assert listing.describe().startswith(f"source: {kind} (detected")
+    # an explicit kind still wins, and says it was chosen
+    explicit = list_objects(SourceConfig(kind="dir", uri=str(tmp_path / "gso")))
+    assert (explicit.kind, explicit.inferred) == ("dir", False)
+    assert [r.object_id for r in explicit.objects] == ["Squirrel-meshes-model"]
+
+
+def test_wrong_source_uris_are_one_line_errors(tmp_path):
+    glb = make_procedural_glb(0, 0, tmp_path / "objs")
+    for cfg, words in [
+            (SourceConfig(uri=str(glb)), "is a file, not a source"),
+            (SourceConfig(kind="dir", uri=str(glb)), "not a directory"),
+            (SourceConfig(uri=str(tmp_path / "nope")), "no such file or directory"),
+            (SourceConfig(kind="procedural", uri=str(tmp_path / "objs")), "set source.kind=auto"),
+            (SourceConfig(kind="objaverse", uri=str(tmp_path / "objs")), "is a folder, not a UID list")]:
+        with pytest.raises(SourceError, match=words) as err:
+            list_objects(cfg)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="source.kind='fbx'"):
+        SourceConfig(kind="fbx", uri="x")
+
+
+@pytest.mark.s3
+def test_s3_prefix_is_detected_as_dir(s3_bucket, tmp_path):
+    from geco import storage
+
+    make_procedural_glb(0, 0, tmp_path / "objs")
+    storage.upload(tmp_path / "objs/procedural-0000.glb", f"{s3_bucket}/objects/procedural-0000.glb")
+    listing = list_objects(SourceConfig(uri=f"{s3_bucket}/objects/"))
+    assert listing.kind == "dir" and [r.object_id for r in listing.objects] == ["procedural-0000"]
+
+
+def test_sidecar_paths_that_leave_the_folder_reject_the_object(tmp_path):
+    root = tmp_path / "objs"
+    obj = make_procedural_object(0, 0, root / "a")
+    (tmp_path / "evil.mtl").write_text("newmtl x\nmap_Kd evil.png\n")
+    obj.write_text(obj.read_text().replace("mtllib procedural-0000.mtl", "mtllib ../../evil.mtl"))
+    tex = make_procedural_object(1, 0, root / "b")
+    mtl = tex.with_suffix(".mtl")
+    mtl.write_text(mtl.read_text().replace("procedural-0001.png", "/etc/hostname"))
+    (root / "c.gltf").write_text(json.dumps({"asset": {"version": "2.0"},
+                                             "buffers": [{"uri": "../secret.bin", "byteLength": 1}]}))
+    make_procedural_glb(2, 0, root)  # a good neighbour
+    listing = list_objects(SourceConfig(kind="dir", uri=str(root)))
+    assert [r.object_id for r in listing.objects] == ["procedural-0002"]
+    reasons = {r.object_id: r.reason for r in listing.rejected}
+    assert set(reasons) == {"a-procedural-0000", "b-procedural-0001", "c"}
+    assert "'../../evil.mtl'" in reasons["a-procedural-0000"] and "leaves the source folder" in reasons["c"]
+    assert "'/etc/hostname'" in reasons["b-procedural-0001"]
+    # GSO: confined to the object's own folder
+    make_gso(tmp_path / "gso", "Duck", 0)
+    make_gso(tmp_path / "gso", "Squirrel", 1)
+    m = tmp_path / "gso/Duck/meshes/model.mtl"
+    m.write_text(m.read_text().replace("texture.png", "../../Squirrel/materials/textures/texture.png"))
+    gso = list_objects(SourceConfig(kind="gso", uri=str(tmp_path / "gso")))
+    assert [r.object_id for r in gso.objects] == ["gso-Squirrel"]
+    assert "leaves the object's folder Duck/" in gso.rejected[0].reason
+
+
+def test_cache_refuses_paths_that_leave_its_entry(tmp_path):
+    cache = ObjectCache(tmp_path / "cache", max_gb=1)
+    glb = make_procedural_glb(0, 0, tmp_path / "objs")
+    aliased = ObjectRef("x", str(glb), (), "h1", None, "dir", {"aliases": {"../../../escaped.glb": str(glb)}})
+    s3 = ObjectRef("y", "s3://bucket/objs/y.obj", ("s3://bucket/objs/../../../../escaped.mtl",), "h2", None, "dir")
+    for ref in (aliased, s3):
+        with pytest.raises(UnsafePath, match="refusing the object"):
+            cache.fetch(ref)
+    assert not list(tmp_path.rglob("escaped*"))
+    assert list((tmp_path / "cache/entries").iterdir()) == [] and list((tmp_path / "cache/tmp").iterdir()) == []

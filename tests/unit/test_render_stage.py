@@ -1,0 +1,114 @@
+"""The render stage's decisions that need no renderer (issue #10 items 1 and 3): what is retried,
+when a run is a failure, and when a new manifest/failures version is written. Tracking is off and
+nothing is left to render, so neither MLflow nor Ray nor Blender starts."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geco.config import load_config
+from geco.data import shards
+from geco.data.procedural import make_procedural_glb
+from geco.sources import ObjectRef, SourceError, list_objects
+from pipelines import render
+
+
+def config(source: Path | str, out: Path, *extra: str):
+    return load_config(None, [f"source.uri={source}", f"dataset.uri={out}", "tracking.enabled=false", *extra])
+
+
+def commit(out: Path, cfg, object_ids: list[str]) -> None:
+    """Pretend these objects were rendered with ``cfg`` (a committed shard with their render hash)."""
+    refs = {r.object_id: r for r in list_objects(cfg.source).objects}
+    with shards.ShardWriter(str(out), 8, shards.committed_state(str(out))["next_index"]) as w:
+        for oid in object_ids:
+            w.add({"__key__": oid, "meta.json": b"{}"}, render.render_hash(refs[oid], cfg.render))
+
+
+def versions(out: Path) -> tuple[list[int], list[str]]:
+    return shards.list_manifest_versions(str(out)), sorted(p.name for p in (out / "failures").glob("*.jsonl"))
+
+
+def test_environment_failures_are_retried_object_failures_are_not():
+    refs = [ObjectRef(k, f"/objs/{k}.glb", content_hash=k) for k in ("env", "obj", "old", "done")]
+    hashes = {r.object_id: f"h-{r.object_id}" for r in refs}
+    prev = {"env": {"render_hash": "h-env", "reason": "fetch failed: FileNotFoundError: x", "retryable": True},
+            "obj": {"render_hash": "h-obj", "reason": "Bad glTF: json error", "retryable": False},
+            "old": {"render_hash": "h-old", "reason": "fetch failed: FileNotFoundError: objs/old.glb"}}  # no flag yet
+    todo, skipped, failed_before = render.plan(refs, hashes, {"done": "h-done"}, prev)
+    assert ([r.object_id for r in todo], skipped, failed_before) == (["env", "old"], 1, 1)
+    todo, _, failed_before = render.plan(refs, hashes, {"done": "h-done"}, prev, retry_failed=True)
+    assert [r.object_id for r in todo] == ["env", "obj", "old"] and failed_before == 0
+
+
+def test_a_run_where_every_object_failed_before_is_not_a_success(tmp_path):
+    src, out = tmp_path / "objs", tmp_path / "out"
+    for i in range(2):
+        make_procedural_glb(i, 0, src)
+    cfg = config(src, out, "source.kind=dir")
+    refs = list_objects(cfg.source).objects
+    man = shards.write_manifest_version(str(out), settings_hash="s", source_list_hash="l")
+    shards.write_failures(str(out), man, [{"object_id": r.object_id, "uri": r.uri, "reason": "Bad glTF",
+                                           "render_hash": render.render_hash(r, cfg.render)} for r in refs])
+    with pytest.raises(render.RenderAborted, match="none of the 2 objects .* 2 failed before") as err:
+        render.run(cfg)  # below limits.min_attempts, and nothing attempted at all
+    assert "\n" not in str(err.value)
+
+
+def test_rejected_files_are_counted_and_recorded_once(tmp_path):
+    src, out = tmp_path / "objs", tmp_path / "out"
+    make_procedural_glb(0, 0, src)
+    (src / "chair.fbx").write_bytes(b"Kaydara FBX Binary  \x00")
+    cfg = config(src, out, "source.kind=dir")
+    commit(out, cfg, ["procedural-0000"])
+
+    first = render.run(cfg)
+    assert (first.skipped, first.rejected, first.failed) == (1, 1, 0)
+    assert "1 rejected by the source" in first.summary() and f"source: dir (source.kind) {src}" in first.summary()
+    assert versions(out) == ([1], ["v000001.jsonl"])
+    again = render.run(cfg)  # nothing changed: no new manifest, no new failures version
+    assert again.rejected == 1 and (again.manifest_uri, again.failures_uri) == (None, None)
+    assert versions(out) == ([1], ["v000001.jsonl"])
+    (src / "table.dae").write_bytes(b"<COLLADA/>")  # a new rejected file: recorded (only it)
+    third = render.run(cfg)
+    assert third.rejected == 2 and versions(out) == ([1, 2], ["v000001.jsonl", "v000002.jsonl"])
+    rows = [json.loads(line) for line in (out / "failures/v000002.jsonl").read_text().splitlines()]
+    assert [r["uri"] for r in rows] == [str(src / "table.dae")]
+
+
+def test_only_rejected_files_is_a_failed_run(tmp_path):
+    src, out = tmp_path / "objs", tmp_path / "out"
+    src.mkdir()
+    for name in ("a.fbx", "b.dae", "c.3ds"):
+        (src / name).write_bytes(b"x")
+    for _ in range(2):
+        with pytest.raises(render.RenderAborted, match="none of the 3 objects .* 3 rejected by the source"):
+            render.run(config(src, out, "source.kind=dir"))
+    assert versions(out) == ([1], ["v000001.jsonl"])  # recorded once
+
+
+def test_an_empty_source_is_an_error(tmp_path):
+    src, out = tmp_path / "objs", tmp_path / "out"
+    src.mkdir()
+    (src / "README.md").write_text("nothing to render here")
+    with pytest.raises(SourceError, match="the source has no objects"):
+        render.run(config(src, out, "source.kind=dir"))
+    assert versions(out) == ([], [])
+
+
+def test_cli_exit_2_for_an_empty_source_and_a_wrong_kind(tmp_path):
+    src = tmp_path / "objs"
+    src.mkdir()
+    cases = [[], ["--set", "source.kind=procedural"]]
+    for extra in cases:
+        p = subprocess.run([sys.executable, "-m", "geco.cli", "render", "--source", "objs", "--output", "out",
+                            "--set", "tracking.enabled=false", *extra], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 2, p.stderr
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("geco:")]
+        assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+        assert ("no objects" if not extra else "set source.kind=auto") in lines[0]
