@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from geco import storage
-from geco.cli import main as cli
+from cli.main import main as cli
 from geco.weights import MANIFEST, WeightsImportError, import_weights, read_manifest, safetensors_name, verify_weights
 
 

@@ -7,11 +7,19 @@
     geco train pretrain|stage1 --config configs/local.yaml [--set k=v ...]   # Ray Train (resumes)
     geco run --config configs/local.yaml [--set k=v ...] [--stages render,pretrain]  # the whole DAG
 
-Stages that need Ray are imported lazily from ``pipelines/`` so ``geco --help`` stays fast.
+The command line sits above both ``geco/`` (the library) and ``pipelines/`` (Ray). Stages that need
+Ray or torch are imported lazily so ``geco --help`` stays fast.
+
+What a person sees: progress, the project's own warnings (``WARNING: ...``), the summary, and for a
+failure they can fix exactly one line ``geco: <the input>: <what is wrong and how to fix it>``
+with exit status 2 (a traceback means a bug). Ray's own logs go to its session log folder
+(see :mod:`pipelines.cluster`); the summary names it.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from geco.config import ConfigError, GecoConfig, load_config
@@ -63,37 +71,98 @@ def _run_main(args) -> int:
         stages = dag.parse_stages(args.stages)  # before any work (and before the config is loaded)
         cfg = load_config(args.config, args.overrides)
         result = dag.run(cfg, stages=stages, progress=lambda text: print(text, flush=True))
-        print(result.summary())
+        _print_summary(result.summary())
         return 0
     except ConfigError as e:
         print(f"geco: config error: {e}", file=sys.stderr)
         return 2
     except dag.StageFailed as e:  # one line for errors users cause; tracebacks for bugs
-        code = _report_failure(e.cause, str(e))
+        code = _report_failure(e.cause, str(e), e.stage)
         if code is None:
             raise
         return code
     except Exception as e:  # before any stage ran (e.g. the cluster cannot run a training job)
-        code = _report_failure(e, str(e))
+        code = _report_failure(e, str(e), "run")
         if code is None:
             raise
         return code
 
 
-def _report_failure(err: BaseException, message: str) -> int | None:
-    """Print ``message`` as one line and return the exit status for a failure the user can act on
-    (2: bad input, config, data, storage or cluster; 1: a training job that failed beyond its
-    restarts), or return None for a bug (the caller re-raises: a traceback)."""
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean bad input, config, data, storage or cluster: one line, exit 2."""
+    # imported here, not at the top: these modules pull in torch (pipelines.render, geco.generate),
+    # and `geco --help` / `geco config` must not wait for it
+    from geco.generate import GenerateError
+    from geco.models.bundle import CheckpointError
+    from geco.sources import SourceError
     from geco.storage import StorageError
+    from geco.weights import WeightsImportError
+    from pipelines.render import RenderAborted
+    from pipelines.train_common import TrainSetupError
 
-    if isinstance(err, (ConfigError, StorageError, FileNotFoundError)) or type(err).__name__ in (
-            "TrainSetupError", "RenderAborted"):
+    return (ConfigError, StorageError, FileNotFoundError, FileExistsError, SourceError, TrainSetupError,
+            RenderAborted, GenerateError, CheckpointError, WeightsImportError)
+
+
+def _training_failed(err: BaseException, stage: str) -> str | None:
+    """One line for a Ray Train job that failed beyond its restarts (None: ``err`` is something else).
+
+    Ray Train V2 raises subclasses of ``ray.train.TrainingFailedError``: ``WorkerGroupError`` (a
+    worker raised or died; ``worker_failures`` maps rank -> exception) or ``ControllerError``."""
+    if "ray" not in sys.modules:  # no Ray job ran in this process
+        return None
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, TrainingFailedError, WorkerGroupError
+
+    if not isinstance(err, TrainingFailedError):
+        return None
+    if isinstance(err, WorkerGroupError) and err.worker_failures:
+        rank, exc = min(err.worker_failures.items())
+        if isinstance(exc, RayTaskError) and exc.cause is not None:
+            exc = exc.cause
+        what = f"worker rank {rank} ({len(err.worker_failures)} of the workers failed): {_first_line(exc)}"
+    elif isinstance(err, ControllerError):
+        what = f"Ray Train's controller failed: {_first_line(err.controller_failure)}"
+    else:
+        what = _first_line(err)
+    return f"{stage}: training failed beyond its restarts: {what}; {_logs_hint()}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _logs_hint() -> str:
+    from pipelines.cluster import ray_log_dir
+
+    folder = ray_log_dir()
+    return f"the workers' logs are in {folder} (worker-*.err)" if folder else "see the Ray cluster's logs"
+
+
+def _report_failure(err: BaseException, message: str, stage: str) -> int | None:
+    """Print ``message`` as one line and return exit status 2 for a failure the user can act on
+    (bad input, config, data, storage or cluster; a training job that failed beyond its restarts),
+    or return None for a bug (the caller re-raises: a traceback)."""
+    if isinstance(err, _user_errors()):
         print(f"geco: {message}", file=sys.stderr)
         return 2
-    if type(err).__name__ == "TrainingFailedError":
-        print(f"geco: training failed: {message}", file=sys.stderr)
-        return 1
+    line = _training_failed(err, stage)
+    if line is not None:
+        print(f"geco: {line}", file=sys.stderr)
+        return 2
     return None
+
+
+def _print_summary(summary: str) -> None:
+    """The stage's summary, and where Ray's own logs went when this command used Ray."""
+    print(summary)
+    if "ray" in sys.modules:
+        from pipelines.cluster import DRIVER_LOG, ray_log_dir
+
+        folder = ray_log_dir()
+        if folder:
+            print(f"  ray logs: {folder} ({DRIVER_LOG}; workers: worker-*.out|err)")
 
 
 def _add_train_parser(sub) -> None:
@@ -132,13 +201,13 @@ def _train_main(args) -> int:
             return 2
         kwargs = {"targets": args.only} if args.train_stage == "pretrain" and args.only else {}
         result = stage.run(cfg, **kwargs)
-        print(result.summary())
+        _print_summary(result.summary())
         return 0
     except ConfigError as e:
         print(f"geco: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # one line for errors users cause; tracebacks for bugs
-        code = _report_failure(e, str(e))
+        code = _report_failure(e, str(e), args.train_stage)
         if code is None:
             raise
         return code
@@ -263,8 +332,35 @@ def _load(args) -> GecoConfig:
     return load_config(args.config, overrides)
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written (pytest swaps it per test)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+def _setup_logging() -> None:
+    """The project's warnings and errors on stderr as ``WARNING: ...``; MLflow's notices (e.g.
+    creating a sqlite store's tables) only from WARNING up. Ray's own logs are routed by
+    :func:`pipelines.cluster.init_ray` when a command starts or joins Ray."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    for name in ("geco", "pipelines", "cli"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _Stderr) for h in logger.handlers):
+            handler = _Stderr()
+            handler.setLevel(logging.WARNING)
+            handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+            logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _setup_logging()
     if args.command == "weights":
         return _weights_main(args)
     if args.command == "generate":
@@ -287,13 +383,13 @@ def main(argv: list[str] | None = None) -> int:
 
             result = render.run(cfg, force=args.force,
                                 retry_failed=args.retry_failed)
-            print(result.summary())
+            _print_summary(result.summary())
             return 0
     except ConfigError as e:
         print(f"geco: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a clear one-line reason for errors users cause; tracebacks for bugs
-        code = _report_failure(e, str(e))
+        code = _report_failure(e, str(e), args.command)
         if code is None:
             raise
         return code
