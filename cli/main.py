@@ -74,8 +74,7 @@ def _run_main(args) -> int:
         _print_summary(result.summary())
         return 0
     except ConfigError as e:
-        print(f"geco: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}")
     except dag.StageFailed as e:  # one line for errors users cause; tracebacks for bugs
         code = _report_failure(e.cause, str(e), e.stage)
         if code is None:
@@ -86,6 +85,12 @@ def _run_main(args) -> int:
         if code is None:
             raise
         return code
+
+
+def _fail(message: str) -> int:
+    """Say why on one line of stderr (a YAML parser's or a library's message may span several) -> 2."""
+    print("geco: " + " ".join(str(message).split()), file=sys.stderr)
+    return 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -145,12 +150,10 @@ def _report_failure(err: BaseException, message: str, stage: str) -> int | None:
     (bad input, config, data, storage or cluster; a training job that failed beyond its restarts),
     or return None for a bug (the caller re-raises: a traceback)."""
     if isinstance(err, _user_errors()):
-        print(f"geco: {message}", file=sys.stderr)
-        return 2
+        return _fail(message)
     line = _training_failed(err, stage)
     if line is not None:
-        print(f"geco: {line}", file=sys.stderr)
-        return 2
+        return _fail(line)
     return None
 
 
@@ -197,15 +200,13 @@ def _train_main(args) -> int:
         except ModuleNotFoundError as e:
             if e.name != f"pipelines.{args.train_stage}":
                 raise
-            print(f"geco: `geco train {args.train_stage}` is not available in this version", file=sys.stderr)
-            return 2
+            return _fail(f"`geco train {args.train_stage}` is not available in this version")
         kwargs = {"targets": args.only} if args.train_stage == "pretrain" and args.only else {}
         result = stage.run(cfg, **kwargs)
         _print_summary(result.summary())
         return 0
     except ConfigError as e:
-        print(f"geco: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}")
     except Exception as e:  # one line for errors users cause; tracebacks for bugs
         code = _report_failure(e, str(e), args.train_stage)
         if code is None:
@@ -232,13 +233,21 @@ def _generate_main(args) -> int:
     from geco.storage import StorageError
 
     try:
+        _check_s3_readable(args.checkpoint)
         generate.run(args.images, args.checkpoint, args.output, seed=args.seed, num_samples=args.num_samples,
                      device=args.device, turntable_frames=args.turntable_frames,
                      turntable_size=args.turntable_size, tracking_uri=args.tracking_uri)
         return 0
     except (generate.GenerateError, StorageError, FileNotFoundError) as e:
-        print(f"geco: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+
+
+def _check_s3_readable(uri: str) -> None:
+    """An s3:// checkpoint: reach its endpoint and bucket first, so a wrong endpoint is one line."""
+    from geco import storage
+
+    if storage.is_s3(uri):
+        storage.check_readable(uri)
 
 
 def _add_models_parser(sub) -> None:
@@ -275,6 +284,7 @@ def _models_main(args) -> int:
             print(f"wrote a tiny random GECO checkpoint to {uri} (tiles {cfg.teacher.tile_size}px, "
                   f"reconstructor input {cfg.reconstructor.input_size}px)")
             return 0
+        _check_s3_readable(args.uri)
         root = bundle.resolve_checkpoint(args.uri, tracking_uri=args.tracking_uri)
         m = bundle.read_manifest(root)
         comps = m.get("components", {})
@@ -284,11 +294,9 @@ def _models_main(args) -> int:
             print(f"  {name}: {c.get('path')} {extra}" + (f"\n    {c['note']}" if c.get("note") else ""))
         return 0
     except ConfigError as e:
-        print(f"geco: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}")
     except (StorageError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"geco: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
 
 
 def _add_weights_parser(sub) -> None:
@@ -319,8 +327,7 @@ def _weights_main(args) -> int:
         print(res.summary())
         return 0 if res.ok else 1
     except (weights.WeightsImportError, StorageError, FileNotFoundError) as e:
-        print(f"geco: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
 
 
 def _load(args) -> GecoConfig:
@@ -386,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_summary(result.summary())
             return 0
     except ConfigError as e:
-        print(f"geco: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}")
     except Exception as e:  # a clear one-line reason for errors users cause; tracebacks for bugs
         code = _report_failure(e, str(e), args.command)
         if code is None:

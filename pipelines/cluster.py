@@ -12,6 +12,7 @@
   progress logs, Ray Train's controller) go to ``geco-driver.log`` in Ray's session log folder
   (``/tmp/ray/session_latest/logs`` by default), next to the logs of Ray's processes; the console keeps
   Ray's errors, one progress bar per Ray Data dataset in a terminal, and everything the project logs.
+  Python warnings raised inside Ray's own code go to the same file.
   Workers' stdout/stderr stay in that folder (``worker-*.out|err``) instead of being forwarded to the
   driver. :func:`ray_log_dir` names the folder, so summaries and errors can point at it.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 from geco import storage
 
@@ -50,6 +52,8 @@ def init_ray(address: str) -> None:
         _quiet_ray_console()
         ray.init(address=address, log_to_driver=False, **kwargs)
     _ray_logs_to_file()
+    if not getattr(warnings.showwarning, "geco_ray_to_log", False):
+        warnings.showwarning = _ray_warnings_to_log(warnings.showwarning)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_operator_progress_bars = False  # one bar per dataset, not one per operator
     ctx.print_on_execution_start = False  # execution plans: in the log file
@@ -84,6 +88,21 @@ def _ray_logs_to_file() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in logger.handlers):
             logger.addHandler(handler)
+
+
+def _ray_warnings_to_log(show):
+    """``warnings.showwarning`` that sends warnings raised inside Ray's own code (deprecations of
+    options it sets itself) to the ``ray`` logger, i.e. the log file; others are shown as before."""
+    ray_dir = f"{os.sep}ray{os.sep}"
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if ray_dir in str(filename):
+            logging.getLogger("ray").warning("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.geco_ray_to_log = True
+    return showwarning
 
 
 def s3_filesystem():
