@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import warnings
 
@@ -40,6 +41,7 @@ def init_ray(address: str) -> None:
     import ray
     import ray.data  # configures Ray Data's loggers on import: quieted below, not after our set-up
 
+    early = None
     if not ray.is_initialized():
         kwargs: dict = {}
         if address == "local":
@@ -50,8 +52,12 @@ def init_ray(address: str) -> None:
             ray_constants.ENABLE_RAY_CLUSTER = False
             kwargs = {"_node_ip_address": LOOPBACK, "dashboard_host": LOOPBACK}
         _quiet_ray_console()
-        ray.init(address=address, log_to_driver=False, **kwargs)
-    _ray_logs_to_file()
+        early = _hold_ray_logs()  # until the session's log folder exists
+        try:
+            ray.init(address=address, log_to_driver=False, **kwargs)
+        finally:
+            _release(early)
+    _ray_logs_to_file(early)
     if not getattr(warnings.showwarning, "geco_ray_to_log", False):
         warnings.showwarning = _ray_warnings_to_log(warnings.showwarning)
     ctx = ray.data.DataContext.get_current()
@@ -71,23 +77,42 @@ def _quiet_ray_console() -> None:
     """Ray's console handlers show errors only (its start-up notices would come before the file exists)."""
     for name in _RAY_LOGGERS:
         for h in logging.getLogger(name).handlers:
-            if not isinstance(h, logging.FileHandler):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 h.setLevel(max(h.level, logging.ERROR))
 
 
-def _ray_logs_to_file() -> None:
+def _hold_ray_logs() -> logging.handlers.MemoryHandler:
+    held = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    held.setLevel(logging.INFO)
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).addHandler(held)
+    return held
+
+
+def _release(held: logging.handlers.MemoryHandler) -> None:
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).removeHandler(held)
+
+
+def _ray_logs_to_file(held: logging.handlers.MemoryHandler | None = None) -> None:
+    """A file handler on Ray's loggers (once per folder), which first receives what ``held`` kept."""
     _quiet_ray_console()
     folder = ray_log_dir()
     if folder is None:
         return
     path = os.path.join(folder, DRIVER_LOG)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)s -- %(message)s"))
-    for name in _RAY_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in logger.handlers):
-            logger.addHandler(handler)
+    handler = next((h for h in logging.getLogger("ray").handlers
+                    if isinstance(h, logging.FileHandler) and h.baseFilename == path), None)
+    if handler is None:
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)s -- "
+                                               "%(message)s"))
+        for name in _RAY_LOGGERS:
+            logging.getLogger(name).addHandler(handler)
+    if held is not None:
+        held.setTarget(handler)
+        held.close()  # flushes what Ray logged while it started
 
 
 def _ray_warnings_to_log(show):
