@@ -120,5 +120,5 @@ def test_unreachable_s3_endpoint(work, argv):
 def test_training_failure(work):
     """The worker raises on every sample (bytes that are no image) and max_failures is 0: Ray Train
     raises a WorkerGroupError, which the command reports as one line naming the job and the logs."""
-    proc = geco("train", "pretrain", "-c", str(work / "good.yaml"))
+    proc = geco("train", "pretrain", "-c", str(work / "good.yaml"), timeout=900)  # Ray on a busy machine: minutes
     assert_one_line(proc, "pretrain", "training failed", "worker rank 0", "logs")
