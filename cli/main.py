@@ -102,11 +102,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from geco.sources import SourceError
     from geco.storage import StorageError
     from geco.weights import WeightsImportError
+    from pipelines.cluster import RayStartError
     from pipelines.render import RenderAborted
     from pipelines.train_common import TrainSetupError
 
     return (ConfigError, StorageError, FileNotFoundError, FileExistsError, SourceError, TrainSetupError,
-            RenderAborted, GenerateError, CheckpointError, WeightsImportError)
+            RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError)
 
 
 def _training_failed(err: BaseException, stage: str) -> str | None:

@@ -32,10 +32,15 @@ DRIVER_LOG = "geco-driver.log"  # Ray's driver-side log lines, in Ray's session 
 _RAY_LOGGERS = ("ray", "ray.data")  # ray.data does not propagate to "ray" (ray.train does, on the driver)
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started (``local``) or joined (a cluster address): the message names the address."""
+
+
 def init_ray(address: str) -> None:
     """Start an embedded Ray (``"local"``, bound to loopback) or join a cluster (``"auto"``,
     ``ray://...``) unless this process is already connected (tests, ``ray job submit`` drivers, a DAG
-    running stages); then send Ray's driver-side logs to :data:`DRIVER_LOG` in its log folder."""
+    running stages); then send Ray's driver-side logs to :data:`DRIVER_LOG` in its log folder.
+    Raises :class:`RayStartError` when Ray cannot be started or joined."""
     if address == "local":
         os.environ[CLUSTER_ENV] = "0"  # before Ray is imported here, and for the processes it spawns
     import ray
@@ -55,6 +60,12 @@ def init_ray(address: str) -> None:
         early = _hold_ray_logs()  # until the session's log folder exists
         try:
             ray.init(address=address, log_to_driver=False, **kwargs)
+        except Exception as e:  # ray.init raises ConnectionError, TimeoutError, even a bare Exception (start-up timeout)
+            what = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            how = ("is the machine overloaded or out of memory? Ray's logs are under /tmp/ray/session_latest/logs"
+                   if address == "local" else "start the cluster (ray start / ray up) or fix ray.address")
+            raise RayStartError(f"ray.address={address}: cannot {'start' if address == 'local' else 'join'} "
+                                f"Ray ({what}); {how}") from None
         finally:
             _release(early)
     _ray_logs_to_file(early)

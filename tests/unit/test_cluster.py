@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = r"""
@@ -45,3 +47,18 @@ def test_embedded_ray_listens_on_loopback_only_and_logs_to_its_folder():
     # Ray's start-up notices went to the log file, not the console
     assert "Started a local Ray instance" not in proc.stderr, proc.stderr
     assert "Started a local Ray instance" in (Path(out["logs"]) / out["driver_log"]).read_text()
+
+
+def test_a_cluster_that_cannot_be_joined_is_named(monkeypatch):
+    import ray
+
+    from pipelines.cluster import RayStartError, init_ray
+
+    def refuse(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(RayStartError, match=r"ray\.address=auto: cannot join Ray \(ConnectionError: Could not find "
+                                            r"any running Ray instance.*\); start the cluster"):
+        init_ray("auto")
