@@ -31,7 +31,7 @@ bench: install
 	$(PY) -m benchmarks $(BENCH)
 
 lint: install
-	$(VENV)/bin/ruff check geco pipelines jobs tests benchmarks
+	$(VENV)/bin/ruff check geco pipelines cli jobs tests benchmarks
 
 clean:
 	rm -rf outputs mlruns.db mlruns mlartifacts .pytest_cache

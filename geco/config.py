@@ -184,6 +184,9 @@ class TrackingConfig(_Strict):
     # or for a sqlite store a folder `mlartifacts` beside the .db file (not ./mlruns of whatever the cwd is)
     artifact_location: str = ""
     contact_sheet_objects: int = Field(4, ge=0)  # rendered objects shown in the contact sheet
+    # a RUNNING run of another host (or one without an owner tag) whose name a new run takes is marked
+    # KILLED only when it started more than this many hours ago; 0: never (runs of this host: when gone)
+    stale_run_hours: float = Field(0.0, ge=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,12 +3,21 @@
 The embedded default tracks to a local sqlite file (``sqlite:///mlruns.db``); a cluster points
 ``tracking.uri`` at an MLflow server. Nothing here imports Ray: the pipelines call these from the
 driver (or from rank 0 of a Ray Train job).
+
+A driver that is killed leaves its runs RUNNING forever. :func:`start_run` tags each run with its
+owner (``geco.owner``: host, pid and the process's start time, so a reused pid is not mistaken for
+the owner) and, before opening a run, marks earlier RUNNING runs of the same name in the experiment
+KILLED when their owner is gone: on this host, when that process no longer exists; on another host
+(which this process cannot inspect), or without an owner tag, only when the run started more than
+``tracking.stale_run_hours`` ago (0, the default: never).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -110,6 +119,61 @@ def artifact_location(tracking_cfg) -> str | None:
     return None
 
 
+OWNER_TAG = "geco.owner"  # "host:pid:start" of the process that opened the run
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, from /proc), "" where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in (...) may hold spaces
+    except (OSError, IndexError):
+        return ""
+
+
+def owner(pid: int | None = None) -> str:
+    """``host:pid:start`` of this process (or of ``pid`` on this host)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def _owner_gone(tag: str) -> bool | None:
+    """True: the owner was a process of this host that no longer exists (or whose pid another process
+    now has); False: it is alive; None: not decidable here (another host, or no tag)."""
+    host, _, rest = (tag or "").partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, another user's
+        pass
+    return bool(start) and _process_start(int(pid)) not in ("", start)
+
+
+def end_stale_runs(client, experiment_id: str, run_name: str, *, other_hosts_after_s: float = 0.0,
+                   now_s: float | None = None) -> list[str]:
+    """Mark RUNNING runs named ``run_name`` in the experiment KILLED when their owner is gone (see
+    the module docstring); returns their ids. ``other_hosts_after_s`` 0: leave undecidable ones."""
+    from mlflow.entities import ViewType
+
+    now_s = time.time() if now_s is None else now_s
+    ended = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'",
+                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000):
+        if run.info.run_name != run_name:
+            continue
+        gone = _owner_gone(run.data.tags.get(OWNER_TAG, ""))
+        if gone is None:
+            gone = other_hosts_after_s > 0 and now_s - run.info.start_time / 1000 > other_hosts_after_s
+        if gone:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
 @contextlib.contextmanager
 def start_run(tracking_cfg, run_name: str, *, parent_run_id: str | None = None,
               tags: dict | None = None) -> Iterator[Tracker]:
@@ -131,8 +195,10 @@ def start_run(tracking_cfg, run_name: str, *, parent_run_id: str | None = None,
             mlflow.create_experiment(tracking_cfg.experiment, artifact_location=location)
         except mlflow.exceptions.MlflowException:  # created meanwhile by another process
             pass
-    mlflow.set_experiment(tracking_cfg.experiment)
-    run_tags = dict(tags or {})
+    experiment = mlflow.set_experiment(tracking_cfg.experiment)
+    end_stale_runs(mlflow.MlflowClient(), experiment.experiment_id, run_name,
+                   other_hosts_after_s=tracking_cfg.stale_run_hours * 3600)
+    run_tags = {**(tags or {}), OWNER_TAG: owner()}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=run_name, tags=run_tags, nested=mlflow.active_run() is not None) as run:

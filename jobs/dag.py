@@ -7,7 +7,7 @@ Thin on purpose: the same `geco run` command, run on the cluster's driver (ray.a
 """
 import sys
 
-from geco.cli import main
+from cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

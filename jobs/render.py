@@ -7,7 +7,7 @@ Thin on purpose: the same `geco render` command, run on the cluster's driver (ra
 """
 import sys
 
-from geco.cli import main
+from cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["render", *sys.argv[1:]]))

@@ -71,7 +71,7 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
                                                                  capsys):
     import mlflow
 
-    from geco.cli import main
+    from cli.main import main
     from pipelines import dag
 
     monkeypatch.setenv("GECO_CACHE", str(tmp_path / "geco-cache"))

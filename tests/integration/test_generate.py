@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from plyfile import PlyData
 
-from geco.cli import main
+from cli.main import main
 from geco.generate import OBJECT_FRACTION, ImageInputError, object_frame_fraction, prepare_image
 from geco.models.bundle import (
     CheckpointError,

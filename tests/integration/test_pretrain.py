@@ -130,7 +130,7 @@ def test_pretrain_learns_and_tracks_everything(tmp_path, dataset, mlflow_server)
 def test_rerun_resumes_from_latest_s3_checkpoint(tmp_path, dataset, s3_bucket, monkeypatch, capsys):
     import mlflow
 
-    from geco.cli import main
+    from cli.main import main
     from pipelines import pretrain
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"

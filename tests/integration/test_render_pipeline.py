@@ -208,7 +208,7 @@ def test_mostly_failing_job_aborts_and_keeps_what_it_committed(tmp_path, ray_loc
 
 
 def test_unreachable_s3_output_fails_before_any_work(tmp_path, monkeypatch, capsys):
-    from geco.cli import main
+    from cli.main import main
     from tests.services import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
@@ -226,7 +226,7 @@ def test_unreachable_s3_output_fails_before_any_work(tmp_path, monkeypatch, caps
 
 
 def test_bad_config_names_the_file_and_field(tmp_path, capsys):
-    from geco.cli import main
+    from cli.main import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("render:\n  blender:\n    samples: 0\n    engine: WORKBENCH\n")

@@ -77,7 +77,7 @@ def test_stage1_trains_tracks_and_exports_a_working_bundle(tmp_path, dataset, pr
                                                           capsys):
     import mlflow
 
-    from geco.cli import main
+    from cli.main import main
     from geco.train.checkpoint import checkpoint_files, read_checkpoint_meta
     from pipelines import stage1
 
@@ -151,7 +151,7 @@ def test_stage1_trains_tracks_and_exports_a_working_bundle(tmp_path, dataset, pr
 
 
 def test_killed_worker_resumes_and_rerun_continues(tmp_path, dataset, pretrained, monkeypatch, capsys):
-    from geco.cli import main
+    from cli.main import main
     from pipelines import stage1
     from pipelines.train_common import FAULT_ENV
 

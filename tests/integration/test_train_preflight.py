@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from geco.cli import main
+from cli.main import main
 from geco.config import load_config
 from geco.data.shards import ShardWriter, write_manifest_version
 

@@ -105,7 +105,7 @@ def test_cli_exit_2_for_an_empty_source_and_a_wrong_kind(tmp_path):
     src.mkdir()
     cases = [[], ["--set", "source.kind=procedural"]]
     for extra in cases:
-        p = subprocess.run([sys.executable, "-m", "geco.cli", "render", "--source", "objs", "--output", "out",
+        p = subprocess.run([sys.executable, "-m", "cli", "render", "--source", "objs", "--output", "out",
                             "--set", "tracking.enabled=false", *extra], cwd=tmp_path, capture_output=True, text=True,
                            timeout=300)
         assert p.returncode == 2, p.stderr

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli.main import main as cli
 from geco import storage
-from geco.cli import main as cli
 from geco.weights import MANIFEST, WeightsImportError, import_weights, read_manifest, safetensors_name, verify_weights
 
 

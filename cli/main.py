@@ -7,11 +7,19 @@
     geco train pretrain|stage1 --config configs/local.yaml [--set k=v ...]   # Ray Train (resumes)
     geco run --config configs/local.yaml [--set k=v ...] [--stages render,pretrain]  # the whole DAG
 
-Stages that need Ray are imported lazily from ``pipelines/`` so ``geco --help`` stays fast.
+The command line sits above both ``geco/`` (the library) and ``pipelines/`` (Ray). Stages that need
+Ray or torch are imported lazily so ``geco --help`` stays fast.
+
+What a person sees: progress, the project's own warnings (``WARNING: ...``), the summary, and for a
+failure they can fix exactly one line ``geco: <the input>: <what is wrong and how to fix it>``
+with exit status 2 (a traceback means a bug). Ray's own logs go to its session log folder
+(see :mod:`pipelines.cluster`); the summary names it.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from geco.config import ConfigError, GecoConfig, load_config
@@ -63,37 +71,102 @@ def _run_main(args) -> int:
         stages = dag.parse_stages(args.stages)  # before any work (and before the config is loaded)
         cfg = load_config(args.config, args.overrides)
         result = dag.run(cfg, stages=stages, progress=lambda text: print(text, flush=True))
-        print(result.summary())
+        _print_summary(result.summary())
         return 0
     except ConfigError as e:
-        print(f"geco: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}")
     except dag.StageFailed as e:  # one line for errors users cause; tracebacks for bugs
-        code = _report_failure(e.cause, str(e))
+        code = _report_failure(e.cause, str(e), e.stage)
         if code is None:
             raise
         return code
     except Exception as e:  # before any stage ran (e.g. the cluster cannot run a training job)
-        code = _report_failure(e, str(e))
+        code = _report_failure(e, str(e), "run")
         if code is None:
             raise
         return code
 
 
-def _report_failure(err: BaseException, message: str) -> int | None:
-    """Print ``message`` as one line and return the exit status for a failure the user can act on
-    (2: bad input, config, data, storage or cluster; 1: a training job that failed beyond its
-    restarts), or return None for a bug (the caller re-raises: a traceback)."""
-    from geco.storage import StorageError
+def _fail(message: str) -> int:
+    """Say why on one line of stderr (a YAML parser's or a library's message may span several) -> 2."""
+    print("geco: " + " ".join(str(message).split()), file=sys.stderr)
+    return 2
 
-    if isinstance(err, (ConfigError, StorageError, FileNotFoundError)) or type(err).__name__ in (
-            "TrainSetupError", "RenderAborted", "SourceError", "UnsafePath"):
-        print(f"geco: {message}", file=sys.stderr)
-        return 2
-    if type(err).__name__ == "TrainingFailedError":
-        print(f"geco: training failed: {message}", file=sys.stderr)
-        return 1
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean bad input, config, data, storage or cluster: one line, exit 2."""
+    # imported here, not at the top: these modules pull in torch (pipelines.render, geco.generate),
+    # and `geco --help` / `geco config` must not wait for it
+    from geco.generate import GenerateError
+    from geco.models.bundle import CheckpointError
+    from geco.sources import SourceError
+    from geco.storage import StorageError
+    from geco.weights import WeightsImportError
+    from pipelines.cluster import RayStartError
+    from pipelines.render import RenderAborted
+    from pipelines.train_common import TrainSetupError
+
+    return (ConfigError, StorageError, FileNotFoundError, FileExistsError, SourceError, TrainSetupError,
+            RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError)
+
+
+def _training_failed(err: BaseException, stage: str) -> str | None:
+    """One line for a Ray Train job that failed beyond its restarts (None: ``err`` is something else).
+
+    Ray Train V2 raises subclasses of ``ray.train.TrainingFailedError``: ``WorkerGroupError`` (a
+    worker raised or died; ``worker_failures`` maps rank -> exception) or ``ControllerError``."""
+    if "ray" not in sys.modules:  # no Ray job ran in this process
+        return None
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, TrainingFailedError, WorkerGroupError
+
+    if not isinstance(err, TrainingFailedError):
+        return None
+    if isinstance(err, WorkerGroupError) and err.worker_failures:
+        rank, exc = min(err.worker_failures.items())
+        if isinstance(exc, RayTaskError) and exc.cause is not None:
+            exc = exc.cause
+        what = f"worker rank {rank} ({len(err.worker_failures)} of the workers failed): {_first_line(exc)}"
+    elif isinstance(err, ControllerError):
+        what = f"Ray Train's controller failed: {_first_line(err.controller_failure)}"
+    else:
+        what = _first_line(err)
+    return f"{stage}: training failed beyond its restarts: {what}; {_logs_hint()}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _logs_hint() -> str:
+    from pipelines.cluster import ray_log_dir
+
+    folder = ray_log_dir()
+    return f"the workers' logs are in {folder} (worker-*.err)" if folder else "see the Ray cluster's logs"
+
+
+def _report_failure(err: BaseException, message: str, stage: str) -> int | None:
+    """Print ``message`` as one line and return exit status 2 for a failure the user can act on
+    (bad input, config, data, storage or cluster; a training job that failed beyond its restarts),
+    or return None for a bug (the caller re-raises: a traceback)."""
+    if isinstance(err, _user_errors()):
+        return _fail(message)
+    line = _training_failed(err, stage)
+    if line is not None:
+        return _fail(line)
     return None
+
+
+def _print_summary(summary: str) -> None:
+    """The stage's summary, and where Ray's own logs went when this command used Ray."""
+    print(summary)
+    if "ray" in sys.modules:
+        from pipelines.cluster import DRIVER_LOG, ray_log_dir
+
+        folder = ray_log_dir()
+        if folder:
+            print(f"  ray logs: {folder} ({DRIVER_LOG}; workers: worker-*.out|err)")
 
 
 def _add_train_parser(sub) -> None:
@@ -128,17 +201,15 @@ def _train_main(args) -> int:
         except ModuleNotFoundError as e:
             if e.name != f"pipelines.{args.train_stage}":
                 raise
-            print(f"geco: `geco train {args.train_stage}` is not available in this version", file=sys.stderr)
-            return 2
+            return _fail(f"`geco train {args.train_stage}` is not available in this version")
         kwargs = {"targets": args.only} if args.train_stage == "pretrain" and args.only else {}
         result = stage.run(cfg, **kwargs)
-        print(result.summary())
+        _print_summary(result.summary())
         return 0
     except ConfigError as e:
-        print(f"geco: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}")
     except Exception as e:  # one line for errors users cause; tracebacks for bugs
-        code = _report_failure(e, str(e))
+        code = _report_failure(e, str(e), args.train_stage)
         if code is None:
             raise
         return code
@@ -163,13 +234,21 @@ def _generate_main(args) -> int:
     from geco.storage import StorageError
 
     try:
+        _check_s3_readable(args.checkpoint)
         generate.run(args.images, args.checkpoint, args.output, seed=args.seed, num_samples=args.num_samples,
                      device=args.device, turntable_frames=args.turntable_frames,
                      turntable_size=args.turntable_size, tracking_uri=args.tracking_uri)
         return 0
     except (generate.GenerateError, StorageError, FileNotFoundError) as e:
-        print(f"geco: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+
+
+def _check_s3_readable(uri: str) -> None:
+    """An s3:// checkpoint: reach its endpoint and bucket first, so a wrong endpoint is one line."""
+    from geco import storage
+
+    if storage.is_s3(uri):
+        storage.check_readable(uri)
 
 
 def _add_models_parser(sub) -> None:
@@ -206,6 +285,7 @@ def _models_main(args) -> int:
             print(f"wrote a tiny random GECO checkpoint to {uri} (tiles {cfg.teacher.tile_size}px, "
                   f"reconstructor input {cfg.reconstructor.input_size}px)")
             return 0
+        _check_s3_readable(args.uri)
         root = bundle.resolve_checkpoint(args.uri, tracking_uri=args.tracking_uri)
         m = bundle.read_manifest(root)
         comps = m.get("components", {})
@@ -215,11 +295,9 @@ def _models_main(args) -> int:
             print(f"  {name}: {c.get('path')} {extra}" + (f"\n    {c['note']}" if c.get("note") else ""))
         return 0
     except ConfigError as e:
-        print(f"geco: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}")
     except (StorageError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"geco: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
 
 
 def _add_weights_parser(sub) -> None:
@@ -250,8 +328,7 @@ def _weights_main(args) -> int:
         print(res.summary())
         return 0 if res.ok else 1
     except (weights.WeightsImportError, StorageError, FileNotFoundError) as e:
-        print(f"geco: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
 
 
 def _load(args) -> GecoConfig:
@@ -263,8 +340,35 @@ def _load(args) -> GecoConfig:
     return load_config(args.config, overrides)
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written (pytest swaps it per test)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+def _setup_logging() -> None:
+    """The project's warnings and errors on stderr as ``WARNING: ...``; MLflow's notices (e.g.
+    creating a sqlite store's tables) only from WARNING up. Ray's own logs are routed by
+    :func:`pipelines.cluster.init_ray` when a command starts or joins Ray."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    for name in ("geco", "pipelines", "cli"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _Stderr) for h in logger.handlers):
+            handler = _Stderr()
+            handler.setLevel(logging.WARNING)
+            handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+            logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _setup_logging()
     if args.command == "weights":
         return _weights_main(args)
     if args.command == "generate":
@@ -287,13 +391,12 @@ def main(argv: list[str] | None = None) -> int:
 
             result = render.run(cfg, force=args.force,
                                 retry_failed=args.retry_failed)
-            print(result.summary())
+            _print_summary(result.summary())
             return 0
     except ConfigError as e:
-        print(f"geco: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}")
     except Exception as e:  # a clear one-line reason for errors users cause; tracebacks for bugs
-        code = _report_failure(e, str(e))
+        code = _report_failure(e, str(e), args.command)
         if code is None:
             raise
         return code
