@@ -183,10 +183,12 @@ def paper_size_bundle(device, dtype):
     from geco.models.reconstructors import build_reconstructor
     from geco.models.teacher import (
         CLIP_MEAN,
+        CLIP_RESAMPLE,
         CLIP_STD,
         IMAGE_MEAN,
         IMAGE_STD,
         TEXT_LENGTH,
+        VAE_RESAMPLE,
         ZERO123PP_SCHEDULER,
         ImagePreprocess,
         Zero123PlusTeacher,
@@ -214,8 +216,8 @@ def paper_size_bundle(device, dtype):
     teacher = Zero123PlusTeacher(
         cfg=tcfg, unet=unet, vae=vae, scheduler=EulerAncestralDiscreteScheduler(**ZERO123PP_SCHEDULER),
         vision_encoder=vision, text_states=text_states.cpu(), ramping_coefficients=torch.linspace(0, 1, TEXT_LENGTH),
-        clip_preprocess=ImagePreprocess(224, (224, 224), CLIP_MEAN, CLIP_STD),
-        vae_preprocess=ImagePreprocess(512, (512, 512), (IMAGE_MEAN,) * 3, (IMAGE_STD,) * 3)).to(device)
+        clip_preprocess=ImagePreprocess(224, (224, 224), CLIP_MEAN, CLIP_STD, resample=CLIP_RESAMPLE),
+        vae_preprocess=ImagePreprocess(512, (512, 512), (IMAGE_MEAN,) * 3, (IMAGE_STD,) * 3, resample=VAE_RESAMPLE)).to(device)
     gen = OneStepGenerator(teacher, teacher.unet, GeneratorConfig())
     cfg = ModelsConfig(teacher=tcfg, generator=GeneratorConfig(), reconstructor=rcfg)
     return Bundle(teacher, gen, rec, cfg).eval()

@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 
-from geco.config import ConfigError, GecoConfig, load_config
+from geco.config import ConfigError, GecoConfig, load_config, read_config_file
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -271,15 +271,13 @@ def _models_main(args) -> int:
 
     try:
         if args.models_command == "init-tiny":
-            import yaml
-
             base = {}
             if args.config:
                 from pathlib import Path
 
                 if not Path(args.config).is_file():
                     raise ConfigError(f"{args.config}: config file not found")
-                base = (yaml.safe_load(Path(args.config).read_text()) or {}).get("models") or {}
+                base = read_config_file(args.config).get("models") or {}
             cfg = bundle.tiny_models_config(args.overrides, base)
             uri = bundle.init_tiny_bundle(args.dest, cfg, seed=args.seed, include_teacher_unet=args.with_teacher_unet)
             print(f"wrote a tiny random GECO checkpoint to {uri} (tiles {cfg.teacher.tile_size}px, "

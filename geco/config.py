@@ -267,7 +267,7 @@ class ReconstructorConfig(_Strict):
     radius: float = Field(1.5, gt=0)  # camera distance the reconstructor assumes
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model dtype; loaded weights are cast to it
     # input views: the Zero123++ elevations the reconstructor is told (v1.2: 20/-10; GECO fed v1.1's 30/-20)
-    zero123_elevations: tuple[float, float] = (20.0, -10.0)
+    zero123_elevations: tuple[Elevation, Elevation] = (20.0, -10.0)
     background: float = Field(1.0, ge=0, le=1)  # grey level of the input views' background and the default render background (LGM: white; GECO: 0.5)
     lambda_lpips: float = Field(1.0, ge=0)  # LPIPS weight in the pretraining loss (LGM: 1.0)
     lgm: LGMConfig = LGMConfig()  # kind "lgm"

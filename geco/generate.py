@@ -389,11 +389,6 @@ def generate(bundle, image, seed: int = 0, num_samples: int = 1) -> list[Result]
 # ================================================================================================
 # Outputs
 # ================================================================================================
-def _to_uint8(img: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [0, 1] -> H x W x 3 uint8."""
-    return (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
 def views_image(result: Result) -> np.ndarray:
     """The input (resized to a view's size) followed by the 6 views in one labelled row, each view
     named by its Zero123++ pose (azimuth relative to the input, elevation), scaled up to readable
@@ -421,7 +416,7 @@ def render_turntable(gaussians, frames: int = 24, size: int = 256, elevation: fl
     out = []
     for i in range(0, frames, chunk):
         rgb, _ = render_gaussians(g, viewmats[None, i:i + chunk], Ks[None, i:i + chunk], size, size, background)
-        out.extend(_to_uint8(f.float().cpu()) for f in rgb[0])
+        out.extend(to_uint8(f.float().cpu()) for f in rgb[0])
     return out
 
 

@@ -42,6 +42,7 @@ from torch import nn
 from geco import storage
 from geco.config import GeneratorConfig
 from geco.models.teacher import (
+    CLEAN_REFERENCE,
     Condition,
     Zero123PlusTeacher,
     _randn,
@@ -174,7 +175,7 @@ class OneStepGenerator(nn.Module):
         cond = cond.expand(x_in.shape[0]).to(self.teacher.device)
         # condition timestep 0: the clean reference latent; its noise is multiplied by 0, so pass
         # zeros rather than drawing (and consuming) random numbers
-        v = self.teacher.predict_v(x_in, t, cond, cond_timestep=0, guidance_scale=1.0,
+        v = self.teacher.predict_v(x_in, t, cond, cond_timestep=CLEAN_REFERENCE, guidance_scale=1.0,
                                    cond_noise=torch.zeros_like(cond.cond_lat), unet=self.unet)
         return self.teacher.v_to_x0(x_in, t, v.float())
 

@@ -66,7 +66,8 @@ class FileTree:
             storage.check_readable(root)
             bucket, key = storage.split_s3(self.root)
             prefix = key.rstrip("/") + "/" if key else ""
-            pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            with storage.s3_errors(root, missing="bucket"):
+                pages = list(storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix))
             for page in pages:
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(prefix):]
@@ -97,7 +98,8 @@ class FileTree:
         if self.s3:
             bucket, key = storage.split_s3(f.uri)
             kw = {"Range": f"bytes=0-{limit - 1}"} if limit and f.size > limit else {}
-            return storage.s3_client().get_object(Bucket=bucket, Key=key, **kw)["Body"].read()
+            with storage.s3_errors(f.uri):
+                return storage.s3_client().get_object(Bucket=bucket, Key=key, **kw)["Body"].read()
         with open(f.uri, "rb") as fh:
             return fh.read(limit if limit else -1)
 

@@ -32,7 +32,8 @@ class GsoSource(FileSource):
         if storage.is_s3(uri):
             bucket, key = storage.split_s3(uri)
             prefix = key.rstrip("/") + "/" if key else ""
-            page = storage.s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=_DETECT_KEYS)
+            with storage.s3_errors(uri, missing="bucket"):
+                page = storage.s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=_DETECT_KEYS)
             return any(_MAIN.fullmatch(o["Key"][len(prefix):]) for o in page.get("Contents", []))
         return not has_scheme(uri) and Path(uri).is_dir() and any(Path(uri).glob("*/meshes/model.obj"))
 
