@@ -161,7 +161,7 @@ def test_concurrent_pretrain_jobs_share_the_cpus(capsys, setup, ray_local):
 
 def test_the_python_entry_points_raise_before_anything_is_written(setup, ray_local):
     from pipelines import pretrain, stage1
-    from pipelines.train_common import TrainSetupError
+    from pipelines.training import TrainSetupError
 
     cfg_file, _, written = setup
     cfg = load_config(cfg_file, ["stage1.train.use_gpu=true"])
@@ -174,7 +174,7 @@ def test_the_python_entry_points_raise_before_anything_is_written(setup, ray_loc
 
 
 def test_a_good_config_passes_and_wait_for_resources_skips_the_cluster_check(tmp_path, setup, ray_local):
-    from pipelines.train_common import check_resources, preflight
+    from pipelines.training import check_resources, preflight
 
     cfg_file, data, _ = setup
     cfg = load_config(cfg_file)
@@ -192,7 +192,7 @@ def test_workers_that_fit_no_single_node(setup, ray_local, monkeypatch):
     """Enough GPUs in all, but on nodes too small for one worker each: named per node."""
     import ray
 
-    from pipelines.train_common import TrainSetupError, check_resources
+    from pipelines.training import TrainSetupError, check_resources
 
     cfg_file, _, _ = setup
     nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}} for _ in range(2)]
@@ -210,7 +210,7 @@ def test_s3_dataset_checks(s3_bucket):
     """The same dataset checks on S3: one listing of the prefix; a missing bucket is named with the endpoint."""
     from geco import storage
     from geco.storage import StorageError
-    from pipelines.train_common import TrainSetupError, check_dataset
+    from pipelines.training import TrainSetupError, check_dataset
 
     data = make_dataset(f"{s3_bucket}/shards", n=6)
     assert check_dataset(data)["counts"]["train"] == 6
