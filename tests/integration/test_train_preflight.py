@@ -110,6 +110,39 @@ def test_manifest_whose_shard_file_is_gone(tmp_path, capsys, setup, ray_local, s
 
 
 @pytest.mark.parametrize("stage", ["stage1", "pretrain"])
+def test_truncated_shard_is_named_before_training(tmp_path, capsys, setup, stage):
+    """Issue #10 item 7: a shard cut short in a copy used to pass the checks and fail deep in Ray Data
+    (tarfile.ReadError naming no shard, or objects silently missing). Its size differs from the manifest's
+    record: one line names it and the fix, before Ray is even joined."""
+    cfg_file, data, written = setup
+    shard = Path(data) / "shard-000001.tar"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 700)
+    rc, err = run_cli(capsys, "train", stage, "--config", str(cfg_file))
+    assert rc == 2, err
+    assert f"dataset.uri={data}: 1 shard file(s) are not the files its manifest v000001 recorded" in err, err
+    assert f"(shard-000001.tar: {size - 700} bytes, the manifest recorded {size}; 2 object(s))" in err, err
+    assert "shard-000001.json" in err and "geco render" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert_nothing_written(written)
+
+
+def test_damaged_shard_of_the_right_size_is_found_with_verify_hashes(setup):
+    from pipelines.training import TrainSetupError, check_dataset
+
+    _, data, _ = setup
+    shard = Path(data) / "shard-000000.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF  # a flipped byte inside the first member's header: same size
+    shard.write_bytes(bytes(raw))
+    assert check_dataset(data)["counts"]["train"] == 4  # sizes only (the default): not noticed
+    with pytest.raises(TrainSetupError, match=r"\(shard-000000\.tar: its sha256 differs from the manifest's; "
+                                              r"2 object\(s\)\)"):
+        check_dataset(data, verify_hashes=True)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "pretrain"])
 def test_gpu_asked_for_on_a_cluster_without_one(capsys, setup, ray_local, stage):
     cfg_file, _, written = setup
     job = JOB[stage]
