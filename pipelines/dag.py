@@ -26,6 +26,7 @@ naming it; the outputs of the stages before it stay where they are.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -34,9 +35,7 @@ from typing import Any, Callable
 
 from geco.config import ConfigError, GecoConfig
 from geco.tracking import start_run
-from pipelines import pretrain, render, stage1
 from pipelines.stage import PretrainInputs, Stage1Inputs, StageOutputs
-from pipelines.training import check_cluster
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +121,12 @@ class Step:
     run: Callable[[GecoConfig, Any, str | None], Any]
 
 
+def _stage(name: str):
+    """The stage's module, imported when the DAG runs it (lazy: stages import torch, diffusers and
+    Ray; the CLI imports this module for STAGES at start-up)."""
+    return importlib.import_module(f"pipelines.{name}")
+
+
 def _dataset_uri(ctx: DagContext) -> str:
     """The shards: what render wrote in this run, else ``dataset.uri``."""
     return getattr(ctx.outputs.get("render"), "dataset_uri", None) or ctx.cfg.dataset.uri
@@ -135,14 +140,15 @@ def stage1_inputs(ctx: DagContext) -> Stage1Inputs:
     """What pretrain trained in this run; otherwise :func:`pipelines.stage1.default_inputs`
     (``models.<m>.pretrained``, else an earlier pretrain output, else tiny random)."""
     trained = getattr(ctx.outputs.get("pretrain"), "uris", {})
-    return stage1.default_inputs(ctx.cfg, dataset_uri=_dataset_uri(ctx), teacher=trained.get("teacher"),
-                                 reconstructor=trained.get("reconstructor"))
+    return _stage("stage1").default_inputs(ctx.cfg, dataset_uri=_dataset_uri(ctx), teacher=trained.get("teacher"),
+                                           reconstructor=trained.get("reconstructor"))
 
 
 STEPS: dict[str, Step] = {s.name: s for s in (
-    Step("render", lambda ctx: None, lambda cfg, _, parent: render.run(cfg, parent_run_id=parent)),
-    Step("pretrain", pretrain_inputs, lambda cfg, inputs, parent: pretrain.run(cfg, inputs, parent_run_id=parent)),
-    Step("stage1", stage1_inputs, lambda cfg, inputs, parent: stage1.run(cfg, inputs, parent_run_id=parent)),
+    Step("render", lambda ctx: None, lambda cfg, _, parent: _stage("render").run(cfg, parent_run_id=parent)),
+    Step("pretrain", pretrain_inputs, lambda cfg, inputs, parent: _stage("pretrain").run(cfg, inputs,
+                                                                                        parent_run_id=parent)),
+    Step("stage1", stage1_inputs, lambda cfg, inputs, parent: _stage("stage1").run(cfg, inputs, parent_run_id=parent)),
 )}
 assert tuple(STEPS) == STAGES
 
@@ -180,8 +186,10 @@ def parse_stages(stages: list[str] | str | None) -> list[str]:
 def _check_cluster(cfg: GecoConfig, todo: list[str]) -> None:
     """Before any stage runs: the cluster can run every training job the DAG will start (otherwise
     a cluster without GPUs would render first and fail only at pretrain)."""
+    from pipelines.training import check_cluster  # lazy, as _stage
+
     if "pretrain" in todo:
-        targets, _ = pretrain.plan(cfg)
+        targets, _ = _stage("pretrain").plan(cfg)
         check_cluster(cfg, [f"pretrain.{t}" for t in targets], concurrent=cfg.pretrain.concurrent)
     if "stage1" in todo:
         check_cluster(cfg, ["stage1.train"])

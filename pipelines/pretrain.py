@@ -97,7 +97,7 @@ def run(cfg: GecoConfig, inputs: PretrainInputs | None = None, *, parent_run_id:
         return outputs
     jobs = [TrainJob(t, TASKS[t], f"{STAGE}.{t}", log_weights=cfg.pretrain.log_weights) for t in todo]
     run = run_training_stage(cfg, STAGE, jobs, dataset_uri=inputs.dataset_uri, output_uri=outputs.output_uri,
-                             parent_run_id=parent_run_id, concurrent=cfg.pretrain.concurrent)
+                             parent_run_id=parent_run_id, concurrent=cfg.pretrain.concurrent, child_runs=True)
     outputs.results = run.results
     outputs.uris = {t: r.exported[t] for t, r in run.results.items() if r.exported.get(t)}
     outputs.mlflow_run_ids, outputs.did_work, outputs.seconds = run.mlflow_run_ids, run.did_work, run.seconds

@@ -279,10 +279,11 @@ class StageRun:
 
 def run_training_stage(cfg: GecoConfig, stage: str, jobs: Sequence[TrainJob], *, dataset_uri: str, output_uri: str,
                        inputs: Mapping[str, str] | None = None, parent_run_id: str | None = None,
-                       concurrent: bool = False, tags: Mapping[str, str] | None = None) -> StageRun:
+                       concurrent: bool = False, child_runs: bool | None = None,
+                       tags: Mapping[str, str] | None = None) -> StageRun:
     """Pre-flight, the "already complete" shortcut, datasets, the stage's MLflow run
-    ``<cfg.name>/<stage>`` (a child of ``parent_run_id``; with several jobs, one child run
-    ``<cfg.name>/<stage>/<job>`` per job), :func:`run_training` per job (side by side with
+    ``<cfg.name>/<stage>`` (a child of ``parent_run_id``; with ``child_runs`` - default: when there
+    are several jobs - one child run ``<cfg.name>/<stage>/<job>`` per job), :func:`run_training` per job (side by side with
     ``concurrent``), the exported URIs as tags ``geco.<what>_uri``. ``inputs``: the stage's input
     URIs, handed to every task; ``tags``: lineage tags for the stage's run (e.g. its inputs).
     Raises :class:`~pipelines.training.preflight.TrainSetupError` before anything is written."""
@@ -296,7 +297,8 @@ def run_training_stage(cfg: GecoConfig, stage: str, jobs: Sequence[TrainJob], *,
                          eval_objects=first.eval_objects)
 
     # every job reached its steps and its weights are in place: nothing to do, no MLflow run
-    names = {j.name: run_name_for(j.task, cfg, j.job_path, stage, inputs) for j in jobs}
+    job_stage = {j.name: stage if j.name == stage else f"{stage}-{j.name}" for j in jobs}  # in the run name
+    names = {j.name: run_name_for(j.task, cfg, j.job_path, job_stage[j.name], inputs) for j in jobs}
     stores = {j.name: storage_uri_for(section(cfg, j.job_path).storage_path) for j in jobs}
     done = {j.name: completed_run(storage.join(stores[j.name], names[j.name], RESULT_FILE),
                                   section(cfg, j.job_path).steps, output_uri) for j in jobs}
@@ -327,7 +329,7 @@ def run_training_stage(cfg: GecoConfig, stage: str, jobs: Sequence[TrainJob], *,
         tracker.log_metrics({"train_objects": info.train_objects, "val_objects": info.val_objects})
 
         def train(j: TrainJob, job_tracker, ids: dict[str, str]) -> TrainResult:
-            return run_training(j.task, cfg, j.job_path, stage=stage if len(jobs) == 1 else f"{stage}-{j.name}",
+            return run_training(j.task, cfg, j.job_path, stage=job_stage[j.name],
                                 datasets=data[j.name], output_uri=output_uri, inputs=inputs, tracker=job_tracker,
                                 log_weights=j.log_weights, run_ids=ids, run_name=names[j.name],
                                 parallel_strategy=j.parallel_strategy,
@@ -343,8 +345,8 @@ def run_training_stage(cfg: GecoConfig, stage: str, jobs: Sequence[TrainJob], *,
                 child.set_tags({f"geco.{what}_uri": uri for what, uri in result.exported.items()})
             return result
 
-        if len(jobs) == 1:
-            results = {jobs[0].name: train(jobs[0], tracker, run_ids)}
+        if not (len(jobs) > 1 if child_runs is None else child_runs):
+            results = {j.name: train(j, tracker, run_ids) for j in jobs}
         elif concurrent:
             with ThreadPoolExecutor(len(jobs), thread_name_prefix=f"geco-{stage}") as pool:
                 futures = {j.name: pool.submit(train_in_child_run, j) for j in jobs}
