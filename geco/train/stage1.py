@@ -7,7 +7,7 @@ Train job is ``cfg.stage1.train``.
 
 Models (PAPER.md, "Stage 1")
     * **teacher** — frozen (``requires_grad_(False)``, eval mode, never in an optimiser), from the
-      the stage's ``inputs["teacher"]`` (the pretrain stage's exported teacher folder, or a given one)
+      stage's ``inputs["teacher"]`` (the pretrain stage's exported teacher folder, or a given one)
       or ``cfg.models.teacher`` (:func:`stage1_models`);
     * **generator** G — :func:`geco.models.generator.make_generator`: a copy of the teacher's UNet
       (or ``models.generator.pretrained``), trained in float32 whatever the teacher's dtype;
