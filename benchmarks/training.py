@@ -12,10 +12,10 @@ arm runs the same task with the same torch thread count (1) on the same data:
 * **synthetic**: one batch prepared once and kept in memory; every step trains on it (no input cost);
 * **shards**: rows streamed from WebDataset shards on local disk (the render stage's layout, written
   by :class:`geco.data.shards.ShardWriter` with a manifest), decoded by the task's ``prepare`` and
-  fed by :class:`pipelines.train_common.Prefetcher` exactly as in the Ray Train workers
+  fed by :class:`geco.train.stream.Prefetcher` exactly as in the Ray Train workers
   (``prefetch_batches`` steps ahead on a background thread; the ``prefetch 0`` row decodes on the
   training thread);
-* **Ray Train**: :func:`pipelines.train_common.run_training` with one worker
+* **Ray Train**: :func:`pipelines.training.run_training` with one worker
   (``TorchTrainer``, Ray Data ``read_webdataset`` shards, the same Prefetcher), ``log_every`` =
   ``--steps``, MLflow off; its step time is the worker's own ``train/step_s`` over the second half
   of the run (after warm-up), so Ray's start-up is not counted - only what Ray costs per step. Two
@@ -107,7 +107,7 @@ def make_task(cfg):
 def plain_step_times(task, job, steps: int, *, source: str, dataset_uri: str, synthetic_batch=None) -> list[float]:
     """Wall seconds of each of ``steps`` plain-loop steps (no Ray): ``source`` "synthetic" or "shards"."""
     from geco.train.checkpoint import DataPosition
-    from pipelines.train_common import Prefetcher, RowStream
+    from geco.train.stream import Prefetcher, RowStream
 
     loader = None
     if source == "shards":
@@ -130,13 +130,14 @@ def plain_step_times(task, job, steps: int, *, source: str, dataset_uri: str, sy
 def ray_train_step_s(cfg, workdir: Path, training_input: str) -> float:
     """The worker's ``train/step_s`` over the second half of a one-worker Ray Train run, its input
     streamed from the shards or materialized in the object store first (``dataset.training_input``)."""
+    from geco.data.shards import read_latest_manifest
     from geco.train.pretrain import ReconstructorPretrainTask
     from pipelines.cluster import init_ray
-    from pipelines.train_common import run_training, training_datasets
+    from pipelines.training import run_training, training_datasets
 
     init_ray("local")
-    train_ds, val_ds, _ = training_datasets(cfg.dataset.uri, holdout_fraction=0.1, eval_objects=1,
-                                            training_input=training_input)
+    train_ds, val_ds, _ = training_datasets(cfg.dataset.uri, read_latest_manifest(cfg.dataset.uri),
+                                            holdout_fraction=0.1, eval_objects=1, training_input=training_input)
     res = run_training(ReconstructorPretrainTask, cfg, "pretrain.reconstructor", stage="bench",
                        datasets={"train": train_ds, "val": val_ds}, output_uri=str(workdir / "out"),
                        run_name=f"bench-{time.time_ns()}")
@@ -156,8 +157,8 @@ def stage1_quality(config_path: str) -> dict:
     from geco.metrics import psnr, ssim
     from geco.models.generator import load_generator
     from geco.models.teacher import _randn, load_teacher
-    from geco.train.stage1 import condition_batch, resolve_sources
-    from pipelines.train_common import holdout_keys
+    from geco.train.stage1 import condition_batch, stage1_models
+    from pipelines.stage1 import default_inputs
 
     if not Path(config_path).is_file():
         return {"skipped": f"{config_path}: no such config"}
@@ -165,13 +166,12 @@ def stage1_quality(config_path: str) -> dict:
     gen_uri = Path(cfg.stage1.output_uri) / "generator"
     if not (gen_uri / "generator.json").is_file():
         return {"skipped": f"{gen_uri} does not exist: run `geco run --config {config_path}` (make demo) first"}
-    cfg = resolve_sources(cfg.model_copy(update={"stage1": cfg.stage1.model_copy(
-        update={"teacher": cfg.stage1.teacher or "pretrain"})}))
+    cfg = cfg.model_copy(update={"models": stage1_models(cfg, default_inputs(cfg).task_inputs())})
     torch.manual_seed(0)
     teacher = load_teacher(cfg.models.teacher)
     generator = load_generator(cfg.models.generator.model_copy(update={"pretrained": str(gen_uri)}), teacher)
     rows = list(iter_dataset(cfg.dataset.uri, None, decode=False))
-    keep = _val_keys(cfg, holdout_keys)
+    keep = _val_keys(cfg)
     val = sorted((r for r in rows if r["__key__"] in keep), key=lambda r: r["__key__"])
     if not val:
         return {"skipped": f"{cfg.dataset.uri}: no held-out objects"}
@@ -197,15 +197,14 @@ def stage1_quality(config_path: str) -> dict:
             "psnr_generator_vs_teacher": float(psnr(out["generator_1step"], out[f"teacher_{steps}step"]).mean())}
 
 
-def _val_keys(cfg, holdout_keys) -> set[str]:
-    from geco.data.shards import current_samples, read_latest_manifest
+def _val_keys(cfg) -> set[str]:
+    """Stage 1's evaluation objects (the val split, or the hash-chosen holdout)."""
+    from geco.data.shards import read_latest_manifest
+    from pipelines.training import split_info
 
-    manifest = read_latest_manifest(cfg.dataset.uri)
-    val = {k for keys in current_samples(manifest, "val").values() for k in keys}
-    if val:
-        return set(sorted(val)[:cfg.stage1.train.eval_objects])
-    train = sorted({k for keys in current_samples(manifest, "train").values() for k in keys})
-    return set(sorted(holdout_keys(train, cfg.stage1.holdout_fraction))[:cfg.stage1.train.eval_objects])
+    info, _ = split_info(cfg.dataset.uri, read_latest_manifest(cfg.dataset.uri),
+                         holdout_fraction=cfg.dataset.holdout_fraction, eval_objects=cfg.stage1.train.eval_objects)
+    return set(info.eval_keys)
 
 
 # ------------------------------------------------------------------------------- main

@@ -104,7 +104,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from geco.weights import WeightsImportError
     from pipelines.cluster import RayStartError
     from pipelines.render import RenderAborted
-    from pipelines.train_common import TrainSetupError
+    from pipelines.training import TrainSetupError
 
     return (ConfigError, StorageError, FileNotFoundError, FileExistsError, SourceError, TrainSetupError,
             RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError)
@@ -181,7 +181,10 @@ def _add_train_parser(sub) -> None:
                    help="train only this target (repeatable; default: pretrain.targets)")
     p.add_argument("--output", "-o", metavar="URI", help="where the weights go (overrides pretrain.output_uri)")
     s1.add_argument("--output", "-o", metavar="URI", help="where the generator and bundle go (overrides stage1.output_uri)")
-    s1.add_argument("--teacher", metavar="URI", help='teacher folder, pretrain output or "pretrain" (overrides stage1.teacher)')
+    s1.add_argument("--teacher", metavar="URI", help="teacher folder or pretrain output (default: models.teacher."
+                    "pretrained, else pretrain.output_uri's teacher when there)")
+    s1.add_argument("--reconstructor", metavar="URI", help="reconstructor .safetensors or pretrain output (default: "
+                    "models.reconstructor.pretrained, else pretrain.output_uri's when there)")
 
 
 def _train_main(args) -> int:
@@ -192,8 +195,6 @@ def _train_main(args) -> int:
         overrides.append(f"dataset.uri={args.data}")
     if getattr(args, "output", None):
         overrides.append(f"{args.train_stage}.output_uri={args.output}")
-    if getattr(args, "teacher", None):
-        overrides.append(f"stage1.teacher={args.teacher}")
     try:
         cfg = load_config(args.config, overrides)
         try:
@@ -203,6 +204,8 @@ def _train_main(args) -> int:
                 raise
             return _fail(f"`geco train {args.train_stage}` is not available in this version")
         kwargs = {"targets": args.only} if args.train_stage == "pretrain" and args.only else {}
+        if args.train_stage == "stage1":
+            kwargs["inputs"] = stage.default_inputs(cfg, teacher=args.teacher, reconstructor=args.reconstructor)
         result = stage.run(cfg, **kwargs)
         _print_summary(result.summary())
         return 0

@@ -154,6 +154,12 @@ class DatasetConfig(_Strict):
     # A render removes temporaries of killed shard writers (e.g. .shard-000003.tar.tmp-*, incomplete
     # S3 uploads): at once when their writer's pid on this host is gone, else once untouched this long.
     stale_temp_hours: float = Field(24.0, gt=0)
+    # Held-out objects for the training stages' evaluation when the manifest's val split is empty
+    # (chosen by a hash of the object id, so always the same ones); one value for every stage.
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    # Before training, every shard's size is checked against the manifest's record; this also checks
+    # its sha256 (reads every shard once: for data copied between stores).
+    verify_hashes: bool = False
 
 
 class JobLimitsConfig(_Strict):
@@ -304,7 +310,7 @@ class ModelsConfig(_Strict):
 
 # --------------------------------------------------------------------------------------------
 # Training (Ray Train). Every training stage embeds a TrainJobConfig: how many steps, the
-# optimiser, checkpoints, evaluation, and the Ray Train resources; pipelines/train_common.py
+# optimiser, checkpoints, evaluation, and the Ray Train resources; pipelines/training/
 # runs any stage from it.
 # --------------------------------------------------------------------------------------------
 class TrainJobConfig(_Strict):
@@ -374,7 +380,6 @@ class PretrainConfig(_Strict):
 
     targets: list[Literal["teacher", "reconstructor"]] = ["teacher", "reconstructor"]  # considered for training
     output_uri: str = "outputs/pretrained"  # teacher/ (Zero123++ layout) and reconstructor/model.safetensors
-    holdout_fraction: float = Field(0.1, gt=0, lt=1)  # held-out objects when the manifest's val split is empty
     log_weights: bool = True  # also log the final weights as MLflow artifacts
     concurrent: bool = False  # run the teacher and reconstructor jobs at the same time (if the cluster fits both)
     teacher: PretrainTeacherConfig = PretrainTeacherConfig()
@@ -420,18 +425,12 @@ class Stage1Config(_Strict):
     "Stage 1"). Teacher frozen; generator and fake score initialised from its UNet; alternating
     generator and fake-score updates with their own Adam(W) optimisers and LR schedules."""
 
-    # Where the weights come from. teacher: "" = models.teacher (its `pretrained` folder, or a tiny
-    # random teacher when that is empty: tests only); "pretrain" = <pretrain.output_uri>/teacher;
-    # otherwise a Zero123++ teacher folder or a pretrain output URI holding teacher/ (local or s3://).
-    teacher: str = ""
-    # reconstructor (only bundled into the exported GECO checkpoint): "" = models.reconstructor (tiny
-    # random when its `pretrained` is empty); "pretrain" = <pretrain.output_uri>/reconstructor/model.safetensors;
-    # otherwise a .safetensors file or a pretrain output URI holding reconstructor/model.safetensors.
-    reconstructor: str = ""
+    # Where the teacher and reconstructor weights come from is not configured here: they are the
+    # stage's inputs (pipelines.stage.Stage1Inputs) - what the pretrain stage trained, or
+    # models.<name>.pretrained, or `geco train stage1 --teacher/--reconstructor URI`.
     output_uri: str = "outputs/stage1"  # generator/ (diffusers UNet + generator.json) and bundle/ (GECO checkpoint)
     bundle_teacher_unet: bool = False  # also store the teacher UNet in the bundle (enables teacher sampling from it)
     log_weights: bool = True  # log the exported bundle as MLflow artifacts (weights/bundle)
-    holdout_fraction: float = Field(0.1, gt=0, lt=1)  # held-out objects when the manifest's val split is empty
     # the Ray Train job (steps, batch, accumulation, schedule, checkpoints, eval, workers/GPUs, bf16,
     # gradient checkpointing); learning rates, betas and clipping are per network, below
     train: Stage1TrainConfig = Stage1TrainConfig()

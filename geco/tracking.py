@@ -1,4 +1,4 @@
-"""MLflow helpers: one parent run per DAG, one child run per stage.
+"""MLflow helpers: one parent run per DAG, one child run per stage, one wrapper (:class:`Tracker`).
 
 The embedded default tracks to a local sqlite file (``sqlite:///mlruns.db``); a cluster points
 ``tracking.uri`` at an MLflow server. Nothing here imports Ray: the pipelines call these from the
@@ -39,72 +39,88 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """A thin wrapper over an active MLflow run; a disabled tracker accepts calls and does nothing."""
+    """The one MLflow wrapper: logs into one run, by id, through an ``MlflowClient``.
 
-    def __init__(self, run=None):
-        self.run = run
+    :func:`start_run` opens a run on the driver and yields its tracker; :meth:`attach` logs into a
+    run opened elsewhere (rank 0 of a Ray Train job gets the run id from the driver). A disabled
+    tracker (no run id) accepts every call and does nothing, so stage code never branches on it.
+    Every call names its run, so trackers of several runs are safe side by side (threads included).
+    """
+
+    def __init__(self, run_id: str | None = None, client=None):
+        self._run_id = run_id
+        self.client = client
+
+    @classmethod
+    def attach(cls, tracking_uri: str = "", run_id: str | None = None) -> "Tracker":
+        """A tracker for the existing run ``run_id`` (None or "": disabled)."""
+        if not run_id:
+            return cls()
+        from mlflow import MlflowClient  # lazy: MLflow takes seconds to import and is optional per run
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        return cls(run_id, MlflowClient(tracking_uri=tracking_uri or None))
 
     @property
     def enabled(self) -> bool:
-        return self.run is not None
+        return self.client is not None and bool(self._run_id)
 
     @property
     def run_id(self) -> str | None:
-        return self.run.info.run_id if self.run else None
+        return self._run_id if self.enabled else None
 
     def log_params(self, params: dict) -> None:
-        if self.run:
-            import mlflow
+        if self.enabled:
+            from mlflow.entities import Param
 
-            flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-            items = list(flat.items())
+            items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
             for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-                mlflow.log_params(dict(items[i:i + 100]))
+                self.client.log_batch(self._run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.run:
-            import mlflow
+        if self.enabled and metrics:
+            from mlflow.entities import Metric
 
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            ts = int(time.time() * 1000)
+            items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+            for i in range(0, len(items), 200):
+                self.client.log_batch(self._run_id, metrics=items[i:i + 200])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.run:
-            import mlflow
+        if self.enabled and tags:
+            from mlflow.entities import RunTag
 
-            mlflow.set_tags(tags)
+            items = [RunTag(k, str(v)) for k, v in tags.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self._run_id, tags=items[i:i + 100])
 
     def log_image(self, image: np.ndarray, name: str) -> None:
         """``image`` HxWx{3,4} uint8, saved as ``name`` (a .png path inside the run's artifacts)."""
-        if self.run:
-            import mlflow
-
-            mlflow.log_image(image, name)
+        if self.enabled:
+            self.client.log_image(self._run_id, image, artifact_file=name)
 
     def log_dict(self, data: Any, name: str) -> None:
-        if self.run:
-            import mlflow
-
-            mlflow.log_dict(data, name)
+        if self.enabled:
+            self.client.log_dict(self._run_id, data, name)
 
     def log_table(self, rows: list[dict], name: str) -> None:
         """Rows as an MLflow table artifact (``name`` ends with .json), viewable in the UI."""
-        if self.run and rows:
-            import mlflow
-
+        if self.enabled and rows:
             columns = sorted({k for r in rows for k in r})
-            mlflow.log_table({c: [r.get(c) for r in rows] for c in columns}, artifact_file=name)
+            self.client.log_table(self._run_id, {c: [r.get(c) for r in rows] for c in columns}, artifact_file=name)
 
     def log_text(self, text: str, name: str) -> None:
-        if self.run:
-            import mlflow
-
-            mlflow.log_text(text, name)
+        if self.enabled:
+            self.client.log_text(self._run_id, text, name)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.run:
-            import mlflow
+        if self.enabled:
+            self.client.log_artifact(self._run_id, str(path), artifact_path)
 
-            mlflow.log_artifact(str(path), artifact_path)
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Every file under ``local_dir``, under ``artifact_path``."""
+        if self.enabled:
+            self.client.log_artifacts(self._run_id, str(local_dir), artifact_path)
 
 
 def artifact_location(tracking_cfg) -> str | None:
@@ -183,7 +199,7 @@ def start_run(tracking_cfg, run_name: str, *, parent_run_id: str | None = None,
     tracker is a no-op, so stage code never branches on it.
     """
     if not tracking_cfg.enabled:
-        yield Tracker(None)
+        yield Tracker()
         return
     import mlflow
 
@@ -202,7 +218,7 @@ def start_run(tracking_cfg, run_name: str, *, parent_run_id: str | None = None,
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=run_name, tags=run_tags, nested=mlflow.active_run() is not None) as run:
-        yield Tracker(run)
+        yield Tracker(run.info.run_id, mlflow.MlflowClient())
 
 
 def image_grid(images: list[np.ndarray], cols: int, pad: int = 2, bg: int = 255, min_tile: int = 128) -> np.ndarray:

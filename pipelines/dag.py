@@ -1,26 +1,32 @@
 """The DAG: every stage in order, under one MLflow parent run.
 
-    MLflow: a `<name>/dag` parent run (the config as params and as config.json)      [driver]
-    render    pipelines.render.run(cfg, parent_run_id=...)    -> shards + manifest
-    pretrain  pipelines.pretrain.run(cfg, parent_run_id=...)  -> teacher / reconstructor weights
-              (only the models without pretrained weights; `PretrainOutputs.skipped` says why not)
-    stage1    pipelines.stage1.run(cfg', parent_run_id=...)   -> generator + GECO bundle
-              cfg' = cfg with stage1.teacher / stage1.reconstructor pointing at what pretrain trained
-    (pseudo_gt -> stage2 -> evaluate: later stages, added to STAGES as more steps)
+    MLflow: a `<name>/dag` parent run (the config as params and as config.json)       [driver]
+    render    () -> RenderOutputs: shards + manifest                       (pipelines.render)
+       │ uris["dataset"]
+       ▼
+    pretrain  PretrainInputs(dataset_uri) -> uris teacher / reconstructor  (pipelines.pretrain)
+       │      (only the models without pretrained weights; `PretrainOutputs.skipped` says why not)
+       │ uris["teacher"], uris["reconstructor"]  (else models.*.pretrained)
+       ▼
+    stage1    Stage1Inputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris bundle / generator
+    (pseudo_gt -> stage2 -> evaluate: later stages, one more Step each)
     parent run: seconds per stage (`seconds/<stage>`), a stage table (stages.json: output URIs,
     child run ids, whether the stage did any work), tags with the final bundle URI
 
-Each stage is idempotent (render skips objects already rendered by content hash; training resumes
-from its checkpoints and returns at once when it reached its steps), so the DAG is re-runnable: a
-second run with the same config does no work, and a failed run resumes where it stopped. A stage
-that fails marks the parent run FAILED and raises :class:`StageFailed` naming it; the outputs of
-the stages before it stay where they are.
+A step is ``Step(name, inputs, run)``: ``inputs(ctx)`` builds the stage's typed inputs
+(:mod:`pipelines.stage`) from the outputs of the stages before it (``ctx.outputs``) and the
+config; ``run(cfg, inputs, parent_run_id)`` returns its :class:`~pipelines.stage.StageOutputs`.
+Results are handed over as inputs, never by rewriting the config.
 
-A step is a function ``(DagContext) -> StageRecord``; a later stage is one more entry in ``STEPS``
-that reads what it needs from ``ctx.outputs`` (e.g. ``ctx.outputs["stage1"].generator_uri``).
+Each stage is idempotent (render skips objects already rendered by content hash; a training stage
+resumes from its checkpoints and, when complete, says "nothing to do" without a new MLflow run), so
+the DAG is re-runnable: a second run with the same config does no work, and a failed run resumes
+where it stopped. A stage that fails marks the parent run FAILED and raises :class:`StageFailed`
+naming it; the outputs of the stages before it stay where they are.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -29,6 +35,7 @@ from typing import Any, Callable
 
 from geco.config import ConfigError, GecoConfig
 from geco.tracking import start_run
+from pipelines.stage import PretrainInputs, Stage1Inputs, StageOutputs
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,7 @@ class StageRecord:
     note: str = ""  # one line for the summary
     uris: dict[str, str] = field(default_factory=dict)  # output URIs, by name
     run_ids: dict[str, str] = field(default_factory=dict)  # MLflow child runs, by name
-    outputs: Any = None  # the stage's own outputs (RenderOutputs, PretrainOutputs, Stage1Outputs)
+    outputs: Any = None  # the stage's own outputs (a StageOutputs; render: RenderOutputs)
     error: str = ""
 
     def row(self) -> dict:
@@ -99,85 +106,64 @@ class DagContext:
     cfg: GecoConfig
     parent_run_id: str | None
     stages: list[str]  # the stages this run executes
-    outputs: dict[str, Any] = field(default_factory=dict)  # stage -> its outputs, as they finish
+    outputs: dict[str, Any] = field(default_factory=dict)  # stage -> its outputs (StageOutputs), as they finish
 
 
 # ---------------------------------------------------------------------------------------------
 # the steps
 # ---------------------------------------------------------------------------------------------
-def _resumed(r) -> str:
-    """How a training job (a :class:`~pipelines.train_common.TrainResult`) got to its step."""
-    if r.already_complete:
-        return " (already complete)"
-    return f" (resumed from step {r.resumed_from})" if r.resumed_from else ""
+@dataclass(frozen=True)
+class Step:
+    """One stage of the DAG: its name, how its inputs are built, how it runs."""
+
+    name: str
+    inputs: Callable[[DagContext], Any]
+    run: Callable[[GecoConfig, Any, str | None], Any]
 
 
-def _render(ctx: DagContext) -> StageRecord:
-    from pipelines import render
-
-    out = render.run(ctx.cfg, parent_run_id=ctx.parent_run_id)
-    uris = {"dataset": out.dataset_uri}
-    if out.manifest_uri:
-        uris["manifest"] = out.manifest_uri
-    if out.failures_uri:
-        uris["failures"] = out.failures_uri
-    note = (f"{out.rendered} rendered, {out.skipped} skipped (done before), {out.failed} failed; "
-            f"{len(out.new_shards)} new shard(s) -> {out.dataset_uri}")
-    return StageRecord("render", did_work=bool(out.rendered or out.failed or out.new_shards), note=note, uris=uris,
-                       run_ids={"render": out.mlflow_run_id} if out.mlflow_run_id else {}, outputs=out)
+def _stage(name: str):
+    """The stage's module, imported when the DAG runs it (lazy: stages import torch, diffusers and
+    Ray; the CLI imports this module for STAGES at start-up)."""
+    return importlib.import_module(f"pipelines.{name}")
 
 
-def _pretrain(ctx: DagContext) -> StageRecord:
-    from pipelines import pretrain
-
-    out = pretrain.run(ctx.cfg, parent_run_id=ctx.parent_run_id)
-    uris = {k: v for k, v in (("teacher", out.teacher_uri), ("reconstructor", out.reconstructor_uri)) if v}
-    run_ids = {"pretrain": out.mlflow_run_id} if out.mlflow_run_id else {}
-    run_ids.update({f"pretrain/{t}": r.mlflow_run_id for t, r in out.results.items() if r.mlflow_run_id})
-    parts = [f"{t} step {r.step}{_resumed(r)}" for t, r in out.results.items()]
-    parts += [f"{t} skipped ({why})" for t, why in out.skipped.items()]
-    note = "; ".join(parts) + (f" -> {out.output_uri}" if out.results else "")
-    did_work = any(not r.already_complete for r in out.results.values())
-    return StageRecord("pretrain", did_work=did_work, note=note, uris=uris, run_ids=run_ids, outputs=out)
+def _dataset_uri(ctx: DagContext) -> str:
+    """The shards: what render wrote in this run, else ``dataset.uri``."""
+    return getattr(ctx.outputs.get("render"), "dataset_uri", None) or ctx.cfg.dataset.uri
 
 
-def stage1_config(cfg: GecoConfig, pre=None) -> GecoConfig:
-    """``cfg`` with ``stage1.teacher`` / ``stage1.reconstructor`` set from the pretrain stage.
-
-    * a model pretrain trained (``pre``: its :class:`PretrainOutputs`) replaces ``""`` (which would be a
-      tiny random model) and ``"pretrain"`` with the exported weights' URI;
-    * ``"pretrain"`` for a model that has pretrained weights (``models.<m>.pretrained``; pretrain skips
-      it) means those weights (``""``);
-    * anything else (an explicit URI) is the user's choice and stays."""
-    update = {}
-    for target in ("teacher", "reconstructor"):
-        current = getattr(cfg.stage1, target)
-        trained = getattr(pre, f"{target}_uri", None) if pre is not None else None
-        if trained and current in ("", "pretrain"):
-            update[target] = trained
-        elif current == "pretrain" and getattr(cfg.models, target).pretrained:
-            update[target] = ""
-    if not update:
-        return cfg
-    return cfg.model_copy(update={"stage1": cfg.stage1.model_copy(update=update)})
+def pretrain_inputs(ctx: DagContext) -> PretrainInputs:
+    return PretrainInputs(_dataset_uri(ctx))
 
 
-def _stage1(ctx: DagContext) -> StageRecord:
-    from pipelines import stage1
-
-    cfg = stage1_config(ctx.cfg, ctx.outputs.get("pretrain"))
-    out = stage1.run(cfg, parent_run_id=ctx.parent_run_id)
-    uris = {k: v for k, v in (("bundle", out.bundle_uri), ("generator", out.generator_uri)) if v}
-    r = out.result
-    did_work = r is None or not r.already_complete
-    note = f"step {r.step}{_resumed(r)}" if r is not None else "no result"
-    note += f"; teacher {out.teacher_uri or 'tiny random'} -> bundle {out.bundle_uri}"
-    return StageRecord("stage1", did_work=did_work, note=note, uris=uris,
-                       run_ids={"stage1": out.mlflow_run_id} if out.mlflow_run_id else {}, outputs=out)
+def stage1_inputs(ctx: DagContext) -> Stage1Inputs:
+    """What pretrain trained in this run; otherwise :func:`pipelines.stage1.default_inputs`
+    (``models.<m>.pretrained``, else an earlier pretrain output, else tiny random)."""
+    trained = getattr(ctx.outputs.get("pretrain"), "uris", {})
+    return _stage("stage1").default_inputs(ctx.cfg, dataset_uri=_dataset_uri(ctx), teacher=trained.get("teacher"),
+                                           reconstructor=trained.get("reconstructor"))
 
 
-STEPS: dict[str, Callable[[DagContext], StageRecord]] = {"render": _render, "pretrain": _pretrain, "stage1": _stage1}
+STEPS: dict[str, Step] = {s.name: s for s in (
+    Step("render", lambda ctx: None, lambda cfg, _, parent: _stage("render").run(cfg, parent_run_id=parent)),
+    Step("pretrain", pretrain_inputs, lambda cfg, inputs, parent: _stage("pretrain").run(cfg, inputs,
+                                                                                        parent_run_id=parent)),
+    Step("stage1", stage1_inputs, lambda cfg, inputs, parent: _stage("stage1").run(cfg, inputs, parent_run_id=parent)),
+)}
 assert tuple(STEPS) == STAGES
+
+
+def _record(stage: str, out: Any) -> StageRecord:
+    """The DAG's row for a stage's outputs."""
+    if not isinstance(out, StageOutputs):  # render's RenderOutputs (until it returns StageOutputs)
+        uris = {k: v for k, v in (("dataset", out.dataset_uri), ("manifest", out.manifest_uri),
+                                  ("failures", out.failures_uri)) if v}
+        note = (f"{out.rendered} rendered, {out.skipped} skipped (done before), {out.failed} failed; "
+                f"{len(out.new_shards)} new shard(s) -> {out.dataset_uri}")
+        return StageRecord(stage, did_work=bool(out.rendered or out.failed or out.new_shards), note=note, uris=uris,
+                           run_ids={stage: out.mlflow_run_id} if out.mlflow_run_id else {}, outputs=out)
+    return StageRecord(stage, did_work=out.did_work, note=out.note(), uris=dict(out.uris),
+                       run_ids=dict(out.mlflow_run_ids), outputs=out)
 
 
 def parse_stages(stages: list[str] | str | None) -> list[str]:
@@ -200,11 +186,10 @@ def parse_stages(stages: list[str] | str | None) -> list[str]:
 def _check_cluster(cfg: GecoConfig, todo: list[str]) -> None:
     """Before any stage runs: the cluster can run every training job the DAG will start (otherwise
     a cluster without GPUs would render first and fail only at pretrain)."""
-    from pipelines import pretrain
-    from pipelines.train_common import check_cluster
+    from pipelines.training import check_cluster  # lazy, as _stage
 
     if "pretrain" in todo:
-        targets, _ = pretrain.plan(cfg)
+        targets, _ = _stage("pretrain").plan(cfg)
         check_cluster(cfg, [f"pretrain.{t}" for t in targets], concurrent=cfg.pretrain.concurrent)
     if "stage1" in todo:
         check_cluster(cfg, ["stage1.train"])
@@ -236,7 +221,8 @@ def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
             log.info("dag %s: stage %s", cfg.name, stage)
             t = time.perf_counter()
             try:
-                record = STEPS[stage](ctx)
+                step = STEPS[stage]
+                record = _record(stage, step.run(cfg, step.inputs(ctx), ctx.parent_run_id))
             except Exception as e:
                 record = StageRecord(stage, seconds=time.perf_counter() - t, status="failed",
                                      note=f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",

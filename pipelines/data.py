@@ -10,17 +10,20 @@ training loop with :func:`geco.data.schema.decode_sample`, so decoding follows o
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 from geco import storage
 from geco.data.loader import manifest_filter, shard_uris_from_manifest
 from geco.data.shards import read_latest_manifest
 from pipelines.cluster import s3_filesystem
 
 
-def read_shards(dataset_uri: str, split: str | None = "train"):
-    """The current samples of ``split`` in the latest manifest, as a ``ray.data.Dataset``."""
-    import ray
+def read_shards(dataset_uri: str, split: str | None = "train", *, manifest: Mapping | None = None):
+    """The current samples of ``split`` in ``manifest`` (default: the latest one of ``dataset_uri``;
+    a training stage passes the one its pre-flight read), as a ``ray.data.Dataset``."""
+    import ray  # lazy: importing Ray costs seconds, and this module is imported by the CLI's stages
 
-    manifest = read_latest_manifest(dataset_uri)
+    manifest = manifest if manifest is not None else read_latest_manifest(dataset_uri)
     if manifest is None:
         raise FileNotFoundError(f"{dataset_uri}: no manifest; run `geco render` first")
     uris = shard_uris_from_manifest(dataset_uri, split, manifest=manifest)

@@ -1,63 +1,64 @@
 """DAG stage `pretrain`: train a teacher and/or a reconstructor from the render shards.
 
+    inputs: PretrainInputs(dataset_uri)                                              (pipelines.stage)
     targets = [t in cfg.pretrain.targets whose models.<t>.pretrained is empty]      [driver]
-    pre-flight: dataset, the cluster's CPUs/GPUs per job, output/storage writable   [driver]
-    train/val Ray Datasets from the manifest (val split, or a hash-chosen holdout)  [Ray Data]
-    MLflow: a `<name>/pretrain` run (child of the DAG's run), one child run per target
-    per target: a Ray Train job (pipelines.train_common.run_training) running
+    pipelines.training.run_training_stage: pre-flight, the "already complete" shortcut, train/val
+    Ray Datasets, a `<name>/pretrain` MLflow run with one child run per target, per target a Ray
+    Train job running
         geco.train.pretrain.TeacherPretrainTask        -> <output_uri>/teacher/ (Zero123++ layout)
         geco.train.pretrain.ReconstructorPretrainTask  -> <output_uri>/reconstructor/model.safetensors
 
 Re-running resumes each job from its latest checkpoint (the Ray Train run name is derived from
-the config name and the model architecture); a job that already reached its steps only exports.
-The outputs carry the weights' URIs: feed them to later stages with
-``--set models.teacher.pretrained=... --set models.reconstructor.pretrained=...``
-(:meth:`PretrainOutputs.overrides`).
+the config name and the model architecture); when every job already reached its steps the stage
+says "nothing to do", opens no MLflow run and returns the previous outputs. The outputs' ``uris``
+("teacher", "reconstructor") are what stage 1 takes as inputs (the DAG wires them); outside the
+DAG, :meth:`PretrainOutputs.overrides` gives the equivalent ``--set models.*.pretrained=...``.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from geco.config import GecoConfig
-from geco.tracking import start_run
-from pipelines.train_common import (
-    TrainResult,
-    TrainSetupError,
-    absolute_uri,
-    preflight,
-    run_training,
-    training_datasets,
-)
+from geco.train.pretrain import TASKS
+from pipelines.stage import PretrainInputs, StageOutputs
+from pipelines.training import TrainJob, TrainResult, TrainSetupError, absolute_uri, run_training_stage
 
 STAGE = "pretrain"
 
 
 @dataclass
-class PretrainOutputs:
-    output_uri: str
-    teacher_uri: str | None = None  # a Zero123++ folder (None: not trained here)
-    reconstructor_uri: str | None = None  # LGM-layout safetensors (None: not trained here)
+class PretrainOutputs(StageOutputs):
+    """:class:`~pipelines.stage.StageOutputs` (``uris``: "teacher" / "reconstructor") plus extras."""
+
+    stage: str = STAGE
+    output_uri: str = ""
     results: dict[str, TrainResult] = field(default_factory=dict)  # per target
     skipped: dict[str, str] = field(default_factory=dict)  # target -> why it was not trained
     val_source: str = ""  # "manifest" or "holdout"
     eval_keys: list[str] = field(default_factory=list)
-    mlflow_run_id: str | None = None
-    seconds: float = 0.0
+
+    @property
+    def teacher_uri(self) -> str | None:  # a Zero123++ folder (None: not trained here)
+        return self.uris.get("teacher")
+
+    @property
+    def reconstructor_uri(self) -> str | None:  # LGM-layout safetensors (None: not trained here)
+        return self.uris.get("reconstructor")
 
     def overrides(self) -> list[str]:
         """``--set`` overrides that point later stages at the weights trained here."""
-        out = []
-        if self.teacher_uri:
-            out.append(f"models.teacher.pretrained={self.teacher_uri}")
-        if self.reconstructor_uri:
-            out.append(f"models.reconstructor.pretrained={self.reconstructor_uri}")
-        return out
+        return [f"models.{t}.pretrained={self.uris[t]}" for t in ("teacher", "reconstructor") if self.uris.get(t)]
+
+    def note(self) -> str:
+        parts = [f"{t} step {r.step}{r.how()}" for t, r in self.results.items()]
+        parts += [f"{t} skipped ({why})" for t, why in self.skipped.items()]
+        return "; ".join(parts) + (f" -> {self.output_uri}" if self.results else "")
 
     def summary(self) -> str:
         done = sum(not r.already_complete for r in self.results.values())
-        lines = [f"pretrain: {done} model(s) trained, {len(self.results) - done} already complete, in {self.seconds:.1f} s "
-                 f"(evaluated on {len(self.eval_keys)} {self.val_source} object(s))"]
+        head = "nothing to do, " if self.results and not self.did_work else ""
+        lines = [f"pretrain: {head}{done} model(s) trained, {len(self.results) - done} already complete, in "
+                 f"{self.seconds:.1f} s (evaluated on {len(self.eval_keys)} {self.val_source} object(s))"]
         for r in self.results.values():
             lines.append("  " + r.summary().replace("\n", "\n  "))
         for target, why in self.skipped.items():
@@ -65,7 +66,6 @@ class PretrainOutputs:
         if self.mlflow_run_id:
             lines.append(f"  mlflow run: {self.mlflow_run_id}")
         return "\n".join(lines)
-
 
 
 def plan(cfg: GecoConfig) -> tuple[list[str], dict[str, str]]:
@@ -81,74 +81,25 @@ def plan(cfg: GecoConfig) -> tuple[list[str], dict[str, str]]:
     return todo, skipped
 
 
-def run(cfg: GecoConfig, *, parent_run_id: str | None = None, targets: list[str] | None = None) -> PretrainOutputs:
-    """Train the configured targets (``targets`` narrows ``cfg.pretrain.targets``); returns where
-    the weights went."""
-    from geco.train.pretrain import TASKS
-
-    t0 = time.perf_counter()
+def run(cfg: GecoConfig, inputs: PretrainInputs | None = None, *, parent_run_id: str | None = None,
+        targets: list[str] | None = None) -> PretrainOutputs:
+    """Train the configured targets (``targets`` narrows ``cfg.pretrain.targets``) on
+    ``inputs.dataset_uri`` (default: ``dataset.uri``); returns where the weights went."""
+    inputs = inputs or PretrainInputs(cfg.dataset.uri)
     if targets is not None:
         unknown = set(targets) - set(TASKS)
         if unknown:
             raise TrainSetupError(f"unknown pretrain target(s) {sorted(unknown)}; choose from {sorted(TASKS)}")
         cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"targets": list(targets)})})
     todo, skipped = plan(cfg)
-    out_uri = absolute_uri(cfg.pretrain.output_uri)
-    outputs = PretrainOutputs(output_uri=out_uri, skipped=skipped)
+    outputs = PretrainOutputs(output_uri=absolute_uri(cfg.pretrain.output_uri), skipped=skipped, did_work=False)
     if not todo:
-        outputs.seconds = time.perf_counter() - t0
         return outputs
-    # the dataset, the cluster's CPUs/GPUs and the output folders, before any run is opened
-    preflight(cfg, [f"pretrain.{t}" for t in todo], dataset_uri=cfg.dataset.uri, output_uri=out_uri,
-              concurrent=cfg.pretrain.concurrent)
-
-    def datasets(target: str) -> dict:
-        # one Dataset per job: concurrent jobs never share an execution
-        train_ds, val_ds, info = training_datasets(cfg.dataset.uri, holdout_fraction=cfg.pretrain.holdout_fraction,
-                                                   eval_objects=getattr(cfg.pretrain, target).eval_objects,
-                                                   training_input=cfg.dataset.training_input)
-        outputs.val_source, outputs.eval_keys = info.val_source, info.eval_keys
-        return {"train": train_ds, "val": val_ds, "info": info}
-
-    data = {t: datasets(t) for t in todo}
-    info = data[todo[0]]["info"]
-
-    with start_run(cfg.tracking, run_name=f"{cfg.name}/{STAGE}", parent_run_id=parent_run_id,
-                   tags={"geco.stage": STAGE}) as tracker:
-        outputs.mlflow_run_id = tracker.run_id
-        tracker.log_params(cfg.model_dump(mode="json"))
-        tracker.set_tags({"geco.dataset_uri": cfg.dataset.uri, "geco.pretrain.val_source": info.val_source,
-                          "geco.pretrain.eval_keys": ",".join(info.eval_keys),
-                          "geco.training_input": "materialized" if info.materialized else "streamed"})
-        tracker.log_metrics({"train_objects": info.train_objects, "val_objects": info.val_objects})
-
-        def train(target: str) -> TrainResult:
-            # a child MLflow run per job (MLflow's active-run stack is per thread: safe concurrently)
-            with start_run(cfg.tracking, run_name=f"{cfg.name}/{STAGE}/{target}", parent_run_id=tracker.run_id,
-                           tags={"geco.stage": f"{STAGE}/{target}"}) as child:
-                child.log_params(cfg.model_dump(mode="json"))
-                result = run_training(TASKS[target], cfg, f"pretrain.{target}", stage=f"{STAGE}-{target}",
-                                      datasets={k: data[target][k] for k in ("train", "val")}, output_uri=out_uri,
-                                      tracker=child, log_weights=cfg.pretrain.log_weights)
-                child.set_tags({f"geco.{target}_uri": result.exported.get(target, "")})
-            return result
-
-        if cfg.pretrain.concurrent and len(todo) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(len(todo), thread_name_prefix="geco-pretrain") as pool:
-                futures = {t: pool.submit(train, t) for t in todo}
-                results = {t: f.result() for t, f in futures.items()}
-        else:
-            results = {t: train(t) for t in todo}
-        for target, result in results.items():
-            outputs.results[target] = result
-            uri = result.exported.get(target)
-            if target == "teacher":
-                outputs.teacher_uri = uri
-            else:
-                outputs.reconstructor_uri = uri
-            tracker.set_tags({f"geco.{target}_uri": uri or ""})
-        outputs.seconds = time.perf_counter() - t0
-        tracker.log_metrics({"seconds": outputs.seconds})
+    jobs = [TrainJob(t, TASKS[t], f"{STAGE}.{t}", log_weights=cfg.pretrain.log_weights) for t in todo]
+    run = run_training_stage(cfg, STAGE, jobs, dataset_uri=inputs.dataset_uri, output_uri=outputs.output_uri,
+                             parent_run_id=parent_run_id, concurrent=cfg.pretrain.concurrent, child_runs=True)
+    outputs.results = run.results
+    outputs.uris = {t: r.exported[t] for t, r in run.results.items() if r.exported.get(t)}
+    outputs.mlflow_run_ids, outputs.did_work, outputs.seconds = run.mlflow_run_ids, run.did_work, run.seconds
+    outputs.val_source, outputs.eval_keys = run.info.val_source, run.info.eval_keys
     return outputs

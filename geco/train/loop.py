@@ -16,8 +16,10 @@ bundles both contexts.) bf16 autocast is used on CUDA only: CPU runs in float32 
 is slow and changes numerics for nothing at test sizes). bf16 needs no loss scaling.
 
 :class:`TrainTask` is what a stage writes (the models, one optimiser step, evaluation, export);
-``pipelines/train_common.py`` runs any task under Ray Train - data, checkpoints, resumption,
-MLflow - so stage 1 and stage 2 reuse it by writing a task.
+``pipelines/training/`` runs any task under Ray Train - data, checkpoints, resumption, MLflow -
+so stage 1 and stage 2 reuse it by writing a task. A task's inputs from earlier stages (weights'
+URIs, by name) arrive explicitly as ``inputs``; the config says how to train, never where an
+earlier stage put its outputs.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
@@ -225,10 +227,13 @@ class EvalResult:
 
 
 class TrainTask:
-    """One training job's model logic; the Ray Train glue (``pipelines/train_common.py``) builds it
+    """One training job's model logic; the Ray Train glue (``pipelines/training/``) builds it
     on every worker and drives it. Subclasses set ``name`` and implement the methods below.
 
-    Life cycle on a worker: ``__init__(cfg, job, ctx)`` builds models, optimisers and schedulers
+    ``inputs``: URIs from earlier stages, by name (e.g. ``{"teacher": ..., "reconstructor": ...}``
+    for stage 1; empty for pretraining), passed by the glue as the stage received them.
+
+    Life cycle on a worker: ``__init__(cfg, job, ctx, inputs)`` builds models, optimisers and schedulers
     (random init, seeded); the glue loads the latest checkpoint into :meth:`modules`,
     :meth:`optimizers`, :meth:`schedulers` and :meth:`load_extra_state`; then per optimiser step
     ``train_step([prepare(rows) for each micro-batch], step, plan)``; every ``eval_every`` steps rank 0
@@ -236,10 +241,11 @@ class TrainTask:
 
     name: str = "task"
 
-    def __init__(self, cfg: Any, job: Any, ctx: WorkerContext):
+    def __init__(self, cfg: Any, job: Any, ctx: WorkerContext, inputs: Mapping[str, str] | None = None):
         self.cfg = cfg
         self.job = job
         self.ctx = ctx
+        self.inputs: dict[str, str] = dict(inputs or {})
 
     # -- state that checkpoints hold
     def modules(self) -> dict[str, nn.Module]:
@@ -260,10 +266,11 @@ class TrainTask:
         pass
 
     @classmethod
-    def config_hash(cls, cfg: Any, job: Any) -> str:
+    def config_hash(cls, cfg: Any, job: Any, inputs: Mapping[str, str] | None = None) -> str:
         """What must not change between a checkpoint and the run that resumes from it (the model
-        architecture, not the schedule): part of the default Ray Train run name, and checked when a
-        checkpoint loads. Called on the driver too, so it must not build anything."""
+        architecture and the input weights, not the schedule): part of the default Ray Train run
+        name, and checked when a checkpoint loads. Called on the driver too, so it must not build
+        anything."""
         return config_hash(cls.name)
 
     # -- work

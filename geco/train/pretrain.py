@@ -125,14 +125,14 @@ class TeacherPretrainTask(TrainTask):
     name = "teacher"
 
     @classmethod
-    def config_hash(cls, cfg, job) -> str:
+    def config_hash(cls, cfg, job, inputs=None) -> str:
         return config_hash(cls.name, _models_section(cfg.models.teacher, _TEACHER_RUNTIME_FIELDS),
                            job.vae_scaling_factor, job.vae_loss_weight > 0)
 
-    def __init__(self, cfg, job, ctx: WorkerContext):
+    def __init__(self, cfg, job, ctx: WorkerContext, inputs=None):
         from geco.models.teacher import build_tiny_teacher
 
-        super().__init__(cfg, job, ctx)
+        super().__init__(cfg, job, ctx, inputs)
         tcfg = cfg.models.teacher
         if tcfg.pretrained:
             raise ValueError("models.teacher.pretrained is set: the teacher needs no pretraining")
@@ -252,13 +252,13 @@ class ReconstructorPretrainTask(TrainTask):
     name = "reconstructor"
 
     @classmethod
-    def config_hash(cls, cfg, job) -> str:
+    def config_hash(cls, cfg, job, inputs=None) -> str:
         return config_hash(cls.name, _models_section(cfg.models.reconstructor, _RECON_RUNTIME_FIELDS))
 
-    def __init__(self, cfg, job, ctx: WorkerContext):
+    def __init__(self, cfg, job, ctx: WorkerContext, inputs=None):
         from geco.models.reconstructors import build_reconstructor
 
-        super().__init__(cfg, job, ctx)
+        super().__init__(cfg, job, ctx, inputs)
         rcfg = cfg.models.reconstructor
         if rcfg.pretrained:
             raise ValueError("models.reconstructor.pretrained is set: the reconstructor needs no pretraining")

@@ -1,13 +1,14 @@
 """Stage 1 as a training task: VSD distillation of the frozen teacher into the one-step generator.
 
 :class:`VSDTask` is a :class:`~geco.train.loop.TrainTask` (pure torch), run under Ray Train by
-``pipelines/stage1.py`` through ``pipelines/train_common.py`` (data, checkpoints, resumption,
+``pipelines/stage1.py`` through ``pipelines/training/`` (data, checkpoints, resumption,
 restarts, MLflow). Its settings are ``cfg.stage1`` (:class:`geco.config.Stage1Config`); the Ray
 Train job is ``cfg.stage1.train``.
 
 Models (PAPER.md, "Stage 1")
     * **teacher** — frozen (``requires_grad_(False)``, eval mode, never in an optimiser), from the
-      pretrain stage's exported teacher folder or ``cfg.models.teacher`` (:func:`resolve_sources`);
+      stage's ``inputs["teacher"]`` (the pretrain stage's exported teacher folder, or a given one)
+      or ``cfg.models.teacher`` (:func:`stage1_models`);
     * **generator** G — :func:`geco.models.generator.make_generator`: a copy of the teacher's UNet
       (or ``models.generator.pretrained``), trained in float32 whatever the teacher's dtype;
     * **fake score** — :func:`geco.distill.vsd.make_fake_score`: a LoRA adapter on a module sharing
@@ -76,7 +77,7 @@ from geco.train.loop import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoraAdapterState", "VSDTask", "resolve_sources", "resolve_reconstructor_uri", "resolve_teacher_uri"]
+__all__ = ["INPUT_MODELS", "LoraAdapterState", "VSDTask", "stage1_models"]
 
 # Device types on which stage1.fsdp shards the generator (Ray Train's prepare_model refuses FSDP
 # without CUDA; tests add "cpu" to run the FSDP code path in one process)
@@ -94,52 +95,24 @@ _TEACHER_RUNTIME_FIELDS = {"guidance_scale", "num_inference_steps", "sampler", "
 # ================================================================================================
 # Where the weights come from
 # ================================================================================================
-def resolve_teacher_uri(value: str, cfg) -> str:
-    """``stage1.teacher`` -> a teacher folder URI ("" = keep ``models.teacher``; see Stage1Config)."""
-    if not value:
-        return cfg.models.teacher.pretrained
-    if value == "pretrain":
-        value = cfg.pretrain.output_uri
-    value = value.rstrip("/")
-    for cand in (value, storage.join(value, "teacher")):
-        if storage.exists(storage.join(cand, "model_index.json")):
-            return cand
-    raise FileNotFoundError(f"stage1.teacher={value}: neither a Zero123++ teacher folder (model_index.json) nor a "
-                            "pretrain output holding teacher/ (run `geco train pretrain` first)")
+# The stage's inputs (``pipelines.stage.Stage1Inputs``, built by the DAG from the pretrain stage's
+# outputs or by `geco train stage1 --teacher/--reconstructor`) arrive as ``inputs``:
+# ``{"teacher": URI, "reconstructor": URI}``, each a Zero123++ teacher folder / a reconstructor
+# .safetensors file, or "" (a tiny random model: tests only). A missing name keeps
+# ``models.<name>.pretrained``. Nothing here resolves or probes storage: the pipeline did.
+INPUT_MODELS = ("teacher", "reconstructor")
 
 
-def resolve_reconstructor_uri(value: str, cfg) -> str:
-    """``stage1.reconstructor`` -> a reconstructor ``.safetensors`` URI ("" = keep ``models.reconstructor``)."""
-    if not value:
-        return cfg.models.reconstructor.pretrained
-    if value == "pretrain":
-        value = cfg.pretrain.output_uri
-    value = value.rstrip("/")
-    cands = [value] if value.endswith(".safetensors") else [storage.join(value, "reconstructor", "model.safetensors"),
-                                                            storage.join(value, "model.safetensors")]
-    for cand in cands:
-        if storage.exists(cand):
-            return cand
-    raise FileNotFoundError(f"stage1.reconstructor={value}: no reconstructor weights at {' or '.join(cands)} "
-                            "(run `geco train pretrain` first)")
-
-
-def resolve_sources(cfg):
-    """``cfg`` with ``models.teacher.pretrained`` / ``models.reconstructor.pretrained`` set from
-    ``stage1.teacher`` / ``stage1.reconstructor`` (local paths made absolute: workers run elsewhere).
-    Raises ``FileNotFoundError`` naming what is missing."""
-    from pathlib import Path
-
-    def absolute(uri: str) -> str:
-        return uri if not uri or "://" in uri else str(Path(uri).expanduser().resolve())
-
-    teacher = absolute(resolve_teacher_uri(cfg.stage1.teacher, cfg))
-    recon = absolute(resolve_reconstructor_uri(cfg.stage1.reconstructor, cfg))
-    models = cfg.models.model_copy(update={
-        "teacher": cfg.models.teacher.model_copy(update={"pretrained": teacher}),
-        "reconstructor": cfg.models.reconstructor.model_copy(update={"pretrained": recon}),
-    })
-    return cfg.model_copy(update={"models": models})
+def stage1_models(cfg, inputs=None):
+    """``cfg.models`` with ``teacher`` / ``reconstructor`` weights from ``inputs`` (the task's own view
+    of the models; the config itself is never rewritten)."""
+    inputs = dict(inputs or {})
+    unknown = set(inputs) - set(INPUT_MODELS)
+    if unknown:
+        raise ValueError(f"stage1: unknown input(s) {sorted(unknown)}; expected {list(INPUT_MODELS)}")
+    return cfg.models.model_copy(update={
+        name: getattr(cfg.models, name).model_copy(update={"pretrained": inputs[name]})
+        for name in INPUT_MODELS if name in inputs})
 
 
 def condition_batch(rows: list[dict], grid_tile: int | None = None, device: torch.device | str = "cpu") -> dict:
@@ -242,7 +215,7 @@ class _FullModelState(nn.Module):
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         if self.stale:
             raise RuntimeError("stage1 (FSDP): the full state was not gathered after the last step (the task "
-                               "gathers it on the steps train_common checkpoints, evaluates or ends at)")
+                               "gathers it on the steps the glue checkpoints, evaluates or ends at)")
         sd = self.cached if self.cached is not None else self.gather()
         out = OrderedDict() if destination is None else destination
         out.update({prefix + k: v for k, v in sd.items()})
@@ -309,14 +282,15 @@ class VSDTask(TrainTask):
     name = "stage1"
 
     @classmethod
-    def config_hash(cls, cfg, job) -> str:
+    def config_hash(cls, cfg, job, inputs=None) -> str:
         s = cfg.stage1
-        t = {k: v for k, v in cfg.models.teacher.model_dump(mode="json").items() if k not in _TEACHER_RUNTIME_FIELDS}
+        models = stage1_models(cfg, inputs)
+        t = {k: v for k, v in models.teacher.model_dump(mode="json").items() if k not in _TEACHER_RUNTIME_FIELDS}
         lora = {"rank": s.lora_rank, "alpha": s.lora_alpha} if s.fake_score == "lora" else {}
         return config_hash(cls.name, t, cfg.models.generator.model_dump(mode="json"), s.fake_score, lora, s.fsdp)
 
     # -- construction --------------------------------------------------------------------------
-    def __init__(self, cfg, job, ctx: WorkerContext):
+    def __init__(self, cfg, job, ctx: WorkerContext, inputs=None):
         from geco.distill.vsd import (
             FakeScoreObjective,
             GeneratorObjective,
@@ -327,10 +301,12 @@ class VSDTask(TrainTask):
         from geco.models.generator import make_generator
         from geco.models.teacher import make_teacher
 
-        super().__init__(cfg, job, ctx)
+        # the task's view of the config: the models' weights are the stage's inputs
+        cfg = cfg.model_copy(update={"models": stage1_models(cfg, inputs)})
+        super().__init__(cfg, job, ctx, inputs)
         s = self.s1 = cfg.stage1
         if not cfg.models.teacher.pretrained:
-            log.warning("stage1: no teacher weights (models.teacher.pretrained and stage1.teacher are empty): "
+            log.warning("stage1: no teacher weights (no teacher input and models.teacher.pretrained is empty): "
                         "distilling a tiny RANDOM teacher (tests only)")
         if s.fake_cfg != 1.0 and s.fake_drop_cond_prob == 0.0:
             log.warning("stage1.fake_cfg=%s but stage1.fake_drop_cond_prob=0: the fake score never learns the "
@@ -638,8 +614,8 @@ class VSDTask(TrainTask):
         if rcfg.pretrained:
             recon = load_reconstructor(rcfg)
         else:
-            log.warning("stage1: no reconstructor weights (models.reconstructor.pretrained and stage1.reconstructor "
-                        "are empty): the bundle gets a tiny RANDOM reconstructor")
+            log.warning("stage1: no reconstructor weights (no reconstructor input and models.reconstructor.pretrained "
+                        "is empty): the bundle gets a tiny RANDOM reconstructor")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.job.seed)
                 recon = build_reconstructor(rcfg)

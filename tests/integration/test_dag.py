@@ -97,7 +97,7 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     assert all(r.step == 4 and not r.already_complete for r in first["pretrain"].results.values())
     s1 = first["stage1"]
     assert s1.result.step == 4 and not s1.result.already_complete
-    # stage1.teacher / .reconstructor are "" (models.*, no weights): the DAG feeds in what pretrain trained
+    # models.*.pretrained are "" (no weights): the DAG feeds stage 1 what pretrain trained, as its inputs
     assert s1.teacher_uri == str(tmp_path / "pretrained" / "teacher")
     assert s1.reconstructor_uri == str(tmp_path / "pretrained" / "reconstructor" / "model.safetensors")
     assert first.bundle_uri == str(tmp_path / "stage1" / "bundle") and Path(first.bundle_uri, "geco.json").is_file()
@@ -150,7 +150,7 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     # a failing stage: the parent run is FAILED and the error names the stage; earlier outputs stay
     capsys.readouterr()
     assert main(["run", "--config", str(conf), "--stages", "render,stage1",
-                 "--set", f"stage1.teacher={tmp_path / 'no-such-teacher'}"]) == 2
+                 "--set", f"models.teacher.pretrained={tmp_path / 'no-such-teacher'}"]) == 2
     err = capsys.readouterr().err
     assert "stage stage1 failed" in err and "no-such-teacher" in err, err
     failed = runs_named(client, "dag-test/dag")[-1]

@@ -151,10 +151,13 @@ def test_rerun_resumes_from_latest_s3_checkpoint(tmp_path, dataset, s3_bucket, m
     printed = capsys.readouterr().out
     assert "reconstructor: step 6, resumed from step 4" in printed, printed
 
-    # The same config again: complete already; nothing is trained (no Ray Train job is started).
+    # The same config again: complete already; nothing is trained (no Ray Train job is started) and no
+    # MLflow run is opened: the previous outputs come back, with the runs that made them.
     again = pretrain.run(load_config(conf, ["pretrain.reconstructor.steps=6"]))
     r3 = again.results["reconstructor"]
     assert r3.already_complete and r3.step == 6 and r3.run_name == r1.run_name
+    assert not again.did_work and "nothing to do" in again.summary()
+    assert again.reconstructor_uri == first.reconstructor_uri
     assert r3.exported == {"reconstructor": first.reconstructor_uri}
     assert r3.checkpoint == f"{s3_bucket}/train/{r1.run_name}/checkpoint_00000006"
     run_prefix = f"{s3_bucket}/train/{r1.run_name}/"
@@ -170,12 +173,13 @@ def test_rerun_resumes_from_latest_s3_checkpoint(tmp_path, dataset, s3_bucket, m
     second = client.search_runs([client.get_experiment_by_name("test-pretrain").experiment_id],
                                 "tags.`geco.stage` = 'pretrain/reconstructor'", order_by=["attributes.start_time ASC"])
     assert [sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/loss")) for r in second] == [
-        [1, 2, 3, 4], [5, 6], []]  # the resumed run continues the step count
+        [1, 2, 3, 4], [5, 6]]  # the resumed run continues the step count; the no-op re-run opened none
+    assert again.mlflow_run_ids["pretrain/reconstructor"] == second[-1].info.run_id
 
 
 def test_killed_worker_is_restarted_and_resumes(tmp_path, dataset, monkeypatch):
     from pipelines import pretrain
-    from pipelines.train_common import FAULT_ENV, RESULT_FILE
+    from pipelines.training import FAULT_ENV, RESULT_FILE
 
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"kill-at-step:3:{marker}:1")  # rank 1, right after step 3

@@ -63,7 +63,8 @@ def pretrained(tmp_path_factory) -> Path:
 
 def tiny_config(tmp_path: Path, dataset: str, pretrained: Path, tracking: list[str], *extra: str):
     return load_config(None, MODELS + tracking + [
-        f"dataset.uri={dataset}", f"stage1.teacher={pretrained}", f"stage1.reconstructor={pretrained}",
+        f"dataset.uri={dataset}", f"models.teacher.pretrained={pretrained}",
+        f"models.reconstructor.pretrained={pretrained}",
         f"stage1.output_uri={tmp_path / 'stage1'}", f"stage1.train.storage_path={tmp_path / 'train'}",
         "stage1.lr_generator=1e-3", "stage1.lr_fake=2e-3", "stage1.eval_teacher_steps=2", "stage1.lora_rank=2",
         "name=s1-test", *extra])
@@ -153,7 +154,7 @@ def test_stage1_trains_tracks_and_exports_a_working_bundle(tmp_path, dataset, pr
 def test_killed_worker_resumes_and_rerun_continues(tmp_path, dataset, pretrained, monkeypatch, capsys):
     from cli.main import main
     from pipelines import stage1
-    from pipelines.train_common import FAULT_ENV
+    from pipelines.training import FAULT_ENV
 
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"kill-at-step:3:{marker}:1")  # rank 1, right after step 3
@@ -197,7 +198,7 @@ def test_stage1_learns_the_teacher(tmp_path, dataset, pretrained, trained_teache
     cfg = tiny_config(tmp_path, dataset, pretrained, [f"tracking.uri=sqlite:///{db}", "tracking.experiment=learn"],
                       *_job(steps=steps, eval_every=steps // 2, checkpoint_every=steps), "stage1.lr_generator=1e-5",
                       "stage1.lr_fake=1e-3", "stage1.fake_steps=4", "stage1.lora_rank=8", "stage1.eval_teacher_steps=10",
-                      "stage1.log_weights=false", f"stage1.teacher={trained_teacher}")
+                      "stage1.log_weights=false", f"models.teacher.pretrained={trained_teacher}")
     out = stage1.run(cfg)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     assert (tmp_path / "mlartifacts").is_dir()  # a sqlite store keeps artifacts beside the .db file

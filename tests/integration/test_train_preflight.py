@@ -110,6 +110,39 @@ def test_manifest_whose_shard_file_is_gone(tmp_path, capsys, setup, ray_local, s
 
 
 @pytest.mark.parametrize("stage", ["stage1", "pretrain"])
+def test_truncated_shard_is_named_before_training(tmp_path, capsys, setup, stage):
+    """Issue #10 item 7: a shard cut short in a copy used to pass the checks and fail deep in Ray Data
+    (tarfile.ReadError naming no shard, or objects silently missing). Its size differs from the manifest's
+    record: one line names it and the fix, before Ray is even joined."""
+    cfg_file, data, written = setup
+    shard = Path(data) / "shard-000001.tar"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 700)
+    rc, err = run_cli(capsys, "train", stage, "--config", str(cfg_file))
+    assert rc == 2, err
+    assert f"dataset.uri={data}: 1 shard file(s) are not the files its manifest v000001 recorded" in err, err
+    assert f"(shard-000001.tar: {size - 700} bytes, the manifest recorded {size}; 2 object(s))" in err, err
+    assert "shard-000001.json" in err and "geco render" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert_nothing_written(written)
+
+
+def test_damaged_shard_of_the_right_size_is_found_with_verify_hashes(setup):
+    from pipelines.training import TrainSetupError, check_dataset
+
+    _, data, _ = setup
+    shard = Path(data) / "shard-000000.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF  # a flipped byte inside the first member's header: same size
+    shard.write_bytes(bytes(raw))
+    assert check_dataset(data)["counts"]["train"] == 4  # sizes only (the default): not noticed
+    with pytest.raises(TrainSetupError, match=r"\(shard-000000\.tar: its sha256 differs from the manifest's; "
+                                              r"2 object\(s\)\)"):
+        check_dataset(data, verify_hashes=True)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "pretrain"])
 def test_gpu_asked_for_on_a_cluster_without_one(capsys, setup, ray_local, stage):
     cfg_file, _, written = setup
     job = JOB[stage]
@@ -161,7 +194,7 @@ def test_concurrent_pretrain_jobs_share_the_cpus(capsys, setup, ray_local):
 
 def test_the_python_entry_points_raise_before_anything_is_written(setup, ray_local):
     from pipelines import pretrain, stage1
-    from pipelines.train_common import TrainSetupError
+    from pipelines.training import TrainSetupError
 
     cfg_file, _, written = setup
     cfg = load_config(cfg_file, ["stage1.train.use_gpu=true"])
@@ -174,7 +207,7 @@ def test_the_python_entry_points_raise_before_anything_is_written(setup, ray_loc
 
 
 def test_a_good_config_passes_and_wait_for_resources_skips_the_cluster_check(tmp_path, setup, ray_local):
-    from pipelines.train_common import check_resources, preflight
+    from pipelines.training import check_resources, preflight
 
     cfg_file, data, _ = setup
     cfg = load_config(cfg_file)
@@ -192,7 +225,7 @@ def test_workers_that_fit_no_single_node(setup, ray_local, monkeypatch):
     """Enough GPUs in all, but on nodes too small for one worker each: named per node."""
     import ray
 
-    from pipelines.train_common import TrainSetupError, check_resources
+    from pipelines.training import TrainSetupError, check_resources
 
     cfg_file, _, _ = setup
     nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}} for _ in range(2)]
@@ -210,7 +243,7 @@ def test_s3_dataset_checks(s3_bucket):
     """The same dataset checks on S3: one listing of the prefix; a missing bucket is named with the endpoint."""
     from geco import storage
     from geco.storage import StorageError
-    from pipelines.train_common import TrainSetupError, check_dataset
+    from pipelines.training import TrainSetupError, check_dataset
 
     data = make_dataset(f"{s3_bucket}/shards", n=6)
     assert check_dataset(data)["counts"]["train"] == 6

@@ -1,16 +1,68 @@
-"""pipelines.dag without running anything: how stage 1 picks up what pretrain trained."""
+"""pipelines.dag and pipelines.stage1 without running anything: how stage 1 gets its inputs (what
+pretrain trained, the configured weights, or an earlier pretrain output), never by a rewritten config."""
+import pytest
+
 from geco.config import load_config
+from tests.unit.test_stage1_task import TINY
 
 
-def test_stage1_sources_follow_pretrain():
-    from pipelines.dag import stage1_config
+def write_pretrain_output(root):
+    """A folder laid out like the pretrain stage's output: teacher/ + reconstructor/model.safetensors."""
+    from geco.models.reconstructors import build_reconstructor, save_reconstructor
+    from geco.models.teacher import build_tiny_teacher, save_teacher
+
+    cfg = load_config(None, TINY)
+    save_teacher(build_tiny_teacher(cfg.models.teacher), root / "teacher")
+    save_reconstructor(build_reconstructor(cfg.models.reconstructor), str(root / "reconstructor" / "model.safetensors"))
+    return root
+
+
+def _ctx(cfg, **outputs):
+    from pipelines.dag import DagContext
+
+    return DagContext(cfg=cfg, parent_run_id=None, stages=["pretrain", "stage1"], outputs=outputs)
+
+
+def test_stage1_sources_follow_pretrain(tmp_path):
+    from pipelines.dag import stage1_inputs
     from pipelines.pretrain import PretrainOutputs
 
-    pre = PretrainOutputs(output_uri="/p", teacher_uri="/p/teacher", skipped={"reconstructor": "models.reconstructor.pretrained is set"})
-    cfg = load_config(None, ["stage1.teacher=pretrain", "stage1.reconstructor=pretrain",
-                             "models.reconstructor.pretrained=/w/recon.safetensors"])
-    s1 = stage1_config(cfg, pre).stage1
-    assert (s1.teacher, s1.reconstructor) == ("/p/teacher", "")  # trained here; given weights
-    s1 = stage1_config(load_config(None, ["stage1.teacher=/mine"]), pre).stage1
-    assert (s1.teacher, s1.reconstructor) == ("/mine", "")  # an explicit URI stays
-    assert stage1_config(load_config(None, ["stage1.teacher=pretrain"]), None).stage1.teacher == "pretrain"
+    trained = write_pretrain_output(tmp_path / "p")  # what pretrain wrote in this DAG run
+    given = write_pretrain_output(tmp_path / "w")  # weights the config names
+    pre = PretrainOutputs(output_uri=str(trained), uris={"teacher": str(trained / "teacher")},
+                          skipped={"reconstructor": "models.reconstructor.pretrained is set"})
+    recon = str(given / "reconstructor" / "model.safetensors")
+    cfg = load_config(None, [f"models.reconstructor.pretrained={recon}", f"pretrain.output_uri={tmp_path / 'none'}"])
+    s1 = stage1_inputs(_ctx(cfg, pretrain=pre))
+    assert (s1.teacher_uri, s1.reconstructor_uri) == (str(trained / "teacher"), recon)  # trained here; given weights
+    assert s1.dataset_uri == cfg.dataset.uri and cfg.models.teacher.pretrained == ""  # the config is not rewritten
+    assert s1.task_inputs() == {"teacher": str(trained / "teacher"), "reconstructor": recon}
+    # no pretrain in this run: the configured weights, else an earlier pretrain output, else tiny random ("")
+    cfg = load_config(None, [f"models.teacher.pretrained={given / 'teacher'}", f"pretrain.output_uri={trained}"])
+    s1 = stage1_inputs(_ctx(cfg))
+    assert (s1.teacher_uri, s1.reconstructor_uri) == (str(given / "teacher"),
+                                                      str(trained / "reconstructor" / "model.safetensors"))
+    cfg = load_config(None, [f"pretrain.output_uri={given}"])
+    s1 = stage1_inputs(_ctx(cfg))
+    assert (s1.teacher_uri, s1.reconstructor_uri) == (str(given / "teacher"), recon)
+    s1 = stage1_inputs(_ctx(load_config(None, [f"pretrain.output_uri={tmp_path / 'none'}"])))
+    assert (s1.teacher_uri, s1.reconstructor_uri) == ("", "")
+
+
+def test_stage1_inputs_from_a_pretrain_output(tmp_path):
+    """`geco train stage1 --teacher/--reconstructor`: the weights themselves or a pretrain output holding them."""
+    from pipelines.stage1 import default_inputs
+    from pipelines.training import TrainSetupError
+
+    pre = write_pretrain_output(tmp_path / "pre")
+    cfg = load_config(None, TINY + [f"pretrain.output_uri={tmp_path / 'elsewhere'}"])
+    for value in (str(tmp_path / "pre"), str(tmp_path / "pre") + "/"):
+        s1 = default_inputs(cfg, teacher=value, reconstructor=value)
+        assert s1.teacher_uri == str(pre / "teacher")
+        assert s1.reconstructor_uri == str(pre / "reconstructor" / "model.safetensors")
+    s1 = default_inputs(cfg, teacher=str(pre / "teacher"))
+    assert s1.teacher_uri == str(pre / "teacher") and s1.reconstructor_uri == ""
+    with pytest.raises(TrainSetupError, match="pretrain"):
+        default_inputs(cfg, teacher=str(tmp_path))
+    with pytest.raises(TrainSetupError, match="no reconstructor weights"):
+        default_inputs(cfg, reconstructor=str(tmp_path))

@@ -1,7 +1,7 @@
 """The stage-1 VSD task without Ray: one alternating step (generator then fake score, separate
 optimisers and schedules), the teacher stays bit-identical, the LoRA fake score's checkpoint holds
 only the adapter tensors, a checkpoint round trip resumes exactly, evaluation grids and metrics,
-the export is a GECO bundle, and stage1.teacher / stage1.reconstructor resolve pretrain outputs."""
+and the export is a GECO bundle. (Where the teacher and reconstructor come from: tests/unit/test_dag_wiring.py.)"""
 from __future__ import annotations
 
 import json
@@ -177,27 +177,6 @@ def test_evaluate_grid_and_metrics_and_export_bundle(tmp_path):
         assert torch.equal(bundle.generator.unet.state_dict()[k], v), k
     manifest = json.loads((tmp_path / "out" / "bundle" / "geco.json").read_text())
     assert manifest["components"]["teacher"]["unet_included"] is False
-
-
-def test_resolve_sources_from_a_pretrain_output(tmp_path):
-    from geco.models.reconstructors import build_reconstructor, save_reconstructor
-    from geco.models.teacher import build_tiny_teacher, save_teacher
-    from geco.train.stage1 import resolve_sources
-
-    cfg = load_config(None, TINY + [f"pretrain.output_uri={tmp_path / 'pre'}"])
-    save_teacher(build_tiny_teacher(cfg.models.teacher), tmp_path / "pre" / "teacher")
-    save_reconstructor(build_reconstructor(cfg.models.reconstructor), str(tmp_path / "pre" / "reconstructor" /
-                                                                             "model.safetensors"))
-    for value in ("pretrain", str(tmp_path / "pre")):
-        c = resolve_sources(cfg.model_copy(update={"stage1": cfg.stage1.model_copy(
-            update={"teacher": value, "reconstructor": value})}))
-        assert c.models.teacher.pretrained == str(tmp_path / "pre" / "teacher")
-        assert c.models.reconstructor.pretrained == str(tmp_path / "pre" / "reconstructor" / "model.safetensors")
-    c = resolve_sources(cfg.model_copy(update={"stage1": cfg.stage1.model_copy(
-        update={"teacher": str(tmp_path / "pre" / "teacher")})}))
-    assert c.models.teacher.pretrained == str(tmp_path / "pre" / "teacher") and c.models.reconstructor.pretrained == ""
-    with pytest.raises(FileNotFoundError, match="pretrain"):
-        resolve_sources(cfg.model_copy(update={"stage1": cfg.stage1.model_copy(update={"teacher": str(tmp_path)})}))
 
 
 @pytest.fixture

@@ -173,7 +173,7 @@ class _Shard:
 
 
 def test_row_stream_resumes_at_the_same_row():
-    from pipelines.train_common import RowStream
+    from geco.train.stream import RowStream
 
     rows = [{"__key__": f"k{i}"} for i in range(5)]
     a = RowStream(_Shard(rows), DataPosition(), seed=3, rank=0, buffer=3)
@@ -193,7 +193,7 @@ def test_prefetcher_hands_out_the_stream_in_order_and_records_the_consumed_posit
     stream resumed from that position yields exactly the steps that follow."""
     import threading
 
-    from pipelines.train_common import Prefetcher, RowStream
+    from geco.train.stream import Prefetcher, RowStream
 
     rows = [{"__key__": f"k{i}"} for i in range(7)]
     threads = set()
@@ -220,7 +220,7 @@ def test_prefetcher_hands_out_the_stream_in_order_and_records_the_consumed_posit
 
 
 def test_prefetcher_raises_loader_errors_on_the_training_thread():
-    from pipelines.train_common import Prefetcher, RowStream
+    from geco.train.stream import Prefetcher, RowStream
 
     def prepare(batch):
         raise ValueError(f"cannot decode {batch[0]['__key__']}")
@@ -233,7 +233,7 @@ def test_prefetcher_raises_loader_errors_on_the_training_thread():
 
 
 def test_holdout_is_stable():
-    from pipelines.train_common import holdout_keys
+    from pipelines.training import holdout_keys
 
     keys = [f"obj{i}" for i in range(20)]
     held = holdout_keys(keys, 0.1)
