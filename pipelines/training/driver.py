@@ -44,6 +44,7 @@ from geco.tracking import start_run
 from pipelines.cluster import s3_filesystem
 from pipelines.training.datasets import DatasetInfo, split_info, training_datasets
 from pipelines.training.preflight import preflight
+from pipelines.training.progress import DriverProgress
 from pipelines.training.worker import RESULT_FILE, fault_env, section, task_path, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,7 @@ def run_training(task_cls, cfg: GecoConfig, job_path: str, *, stage: str, datase
                                 seconds=time.perf_counter() - t0)
     if storage.exists(result_uri):
         storage.delete(result_uri)  # rewritten by rank 0 when this run ends
+    progress = DriverProgress(f"{stage} steps", job.steps)
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # the same rows in the same order every epoch: exact data positions
     trainer = TorchTrainer(
@@ -217,7 +219,7 @@ def run_training(task_cls, cfg: GecoConfig, job_path: str, *, stage: str, datase
                            "log_weights": (log_weights if isinstance(log_weights, bool) else list(log_weights))
                            if run_id else False, "result_uri": result_uri, "inputs": inputs,
                            "run_ids": dict(run_ids or {}),
-                           "storage_uri": storage_uri, "run_name": run_name,
+                           "storage_uri": storage_uri, "run_name": run_name, "progress_actor": progress.actor_name,
                            "parallel_strategy": parallel_strategy,
                            "parallel_strategy_kwargs": dict(parallel_strategy_kwargs or {})},
         scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources),
@@ -229,7 +231,8 @@ def run_training(task_cls, cfg: GecoConfig, job_path: str, *, stage: str, datase
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options),
     )
     log.info("%s: Ray Train run %s in %s (%d worker(s))", stage, run_name, storage_uri, job.num_workers)
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt and storage.is_s3(job.storage_path) and not ckpt.startswith("s3://"):
         ckpt = "s3://" + ckpt.lstrip("/")

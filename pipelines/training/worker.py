@@ -45,6 +45,7 @@ from geco import storage
 from geco.config import GecoConfig
 from geco.tracking import Tracker
 from geco.train.stream import Prefetcher, RowStream
+from pipelines.training.progress import StepReporter
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +141,6 @@ def _wait_until_collected(timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while getattr(q, "unfinished_tasks", 0) and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-def _progress_bar(name: str, step: int, steps: int, rank: int):
-    """Rank 0's step counter (tqdm; a line every 10 s when the log is not a terminal)."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    tty = sys.stderr.isatty()
-    return tqdm(total=steps, initial=step, desc=f"{name} steps", unit="step", disable=rank != 0,
-                mininterval=0.5 if tty else 10.0, dynamic_ncols=tty)
 
 
 def _log_eval(tracker: Tracker, result, step: int) -> dict[str, float]:
@@ -261,7 +251,8 @@ def train_loop_per_worker(config: dict) -> None:
     start_step = step
     t_log, rows_since, data_wait = time.perf_counter(), 0, 0.0
     exported: dict[str, str] = {}
-    progress = _progress_bar(task_cls.name, step, job.steps, rank)
+    progress = StepReporter(config.get("progress_actor"), rank)  # the driver draws the bar
+    postfix: dict[str, str] = {}
 
     def finish() -> None:  # rank 0, once training is complete: final evaluation and the weights
         nonlocal last_eval, exported
@@ -284,7 +275,7 @@ def train_loop_per_worker(config: dict) -> None:
                               eval_every=job.eval_every if val_batch is not None else 0)
         metrics = task.train_step(micro, step, plan)
         step += 1
-        progress.update(1)
+        progress.update(step, postfix, force=step == job.steps)
         rows_since += job.batch_size * job.grad_accumulation
         maybe_inject_fault(step, rank)
         if step % job.log_every == 0 or step == job.steps:
@@ -295,7 +286,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["data_wait_fraction"] = data_wait / span  # > 0.1: input-bound
             logged = {f"train/{k}": v for k, v in metrics.items()}
             tracker.log_metrics(logged, step)
-            progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")}, refresh=False)
+            postfix = {k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")}
             t_log, rows_since, data_wait = now, 0, 0.0
         if val_batch is not None and job.eval_every and step % job.eval_every == 0:
             last_eval = _log_eval(tracker, task.evaluate(val_batch, step), step)
@@ -306,7 +297,6 @@ def train_loop_per_worker(config: dict) -> None:
         if step % job.checkpoint_every == 0 or step == job.steps:
             _report(task, job, step, position, _final_metrics(metrics, last_eval, resumed_from, exported), rank, True)
     loader.close()
-    progress.close()
     if step == start_step:  # nothing to train (complete already): export again, report without a checkpoint
         finish()
         _report(task, job, step, position, _final_metrics(metrics, last_eval, resumed_from, exported), rank, False)
