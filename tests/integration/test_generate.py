@@ -226,8 +226,12 @@ def test_generate_cli_end_to_end(ckpt, images, tmp_path, capsys):
     # what was written is what the API returns for the same image and seed
     from geco.generate import generate
 
-    [result] = generate(load_bundle(ckpt), images["rgba"], seed=3)
-    _check_outputs_match(out, "object", result)
+    [r] = generate(load_bundle(ckpt), images["rgba"], seed=3)
+    assert r.evals["unet"] == 2 and r.evals["unet_denoise"] == 1 and r.evals["unet_reference"] == 1
+    assert r.evals["reconstructor"] == 1 and r.evals["vae_decoder"] == 1 and r.evals["vision_encoder"] == 1
+    assert r.timings["generator_s"] > 0 and r.timings["reconstructor_s"] > 0
+    assert r.views.shape == (6, 3, 32, 32) and r.gaussians.means.shape == (1536, 3)
+    _check_outputs_match(out, "object", r)
     for ln in lines:
         assert "seed 3" in ln and "UNet calls 2: 1 denoising + 1 reference" in ln
         assert "reconstructor" in ln and "1 call" in ln and "export" in ln
@@ -241,17 +245,6 @@ def test_generate_cli_end_to_end(ckpt, images, tmp_path, capsys):
     s0, s1 = (PlyData.read(str(out2 / f"object_s{k}.ply"))["vertex"] for k in (0, 1))
     assert np.array_equal(first["x"], s0["x"]) and np.array_equal(first["f_dc_0"], s0["f_dc_0"])
     assert not np.array_equal(s0["f_dc_0"], s1["f_dc_0"])
-
-
-def test_generate_api_results(ckpt, images):
-    from geco.generate import generate
-
-    bundle = load_bundle(ckpt)
-    [r] = generate(bundle, images["rgba16"], seed=0)
-    assert r.evals["unet"] == 2 and r.evals["unet_denoise"] == 1 and r.evals["unet_reference"] == 1
-    assert r.evals["reconstructor"] == 1 and r.evals["vae_decoder"] == 1 and r.evals["vision_encoder"] == 1
-    assert r.timings["generator_s"] > 0 and r.timings["reconstructor_s"] > 0
-    assert r.views.shape == (6, 3, 32, 32) and r.gaussians.means.shape == (1536, 3)
 
 
 @pytest.mark.parametrize("case,match", [
