@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from plyfile import PlyData
 
@@ -176,6 +177,42 @@ def _check_outputs(out: Path, name: str, frames: int = 4):
     assert gif.n_frames == frames and gif.size == (32, 32)
 
 
+def _check_outputs_match(out: Path, name: str, result):
+    """The files ``geco generate`` wrote hold what :func:`geco.generate.generate` returned: the .ply read
+    back with plyfile (raw 3DGS values, activations inverted here), the views PNG tile by tile."""
+    from geco.generate import views_image
+
+    g = result.gaussians
+    v = PlyData.read(str(out / f"{name}.ply"))["vertex"]
+
+    def col(*names):
+        return np.stack([np.asarray(v[n], np.float64) for n in names], -1)
+
+    np.testing.assert_allclose(col("x", "y", "z"), g.means.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(1 / (1 + np.exp(-col("opacity")[:, 0])), g.opacities.numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.exp(col("scale_0", "scale_1", "scale_2")), g.scales.numpy(), rtol=1e-5, atol=1e-9)
+    quats = g.quats.double().numpy()
+    np.testing.assert_allclose(col("rot_0", "rot_1", "rot_2", "rot_3"),
+                               quats / np.linalg.norm(quats, axis=-1, keepdims=True), rtol=0, atol=1e-6)
+    c0 = 0.28209479177387814  # the degree-0 spherical harmonic 1 / (2 sqrt(pi)): colour = C0 * f_dc + 0.5
+    np.testing.assert_allclose(c0 * col("f_dc_0", "f_dc_1", "f_dc_2") + 0.5, g.rgb.numpy(), rtol=0, atol=1e-6)
+    # the views PNG: the layout of geco.images.labeled_grid, checked here by hand on the generated tiles;
+    # a header strip, then 2 px padding and 7 tiles of 32 px scaled up 4x to 128 px with 2 px gaps
+    png = np.asarray(Image.open(out / f"{name}_views.png").convert("RGB"))
+    np.testing.assert_array_equal(png, views_image(result))
+    top = png.shape[0] - (128 + 2 * 2)
+    assert (png[:top] < 128).any()  # the labels are drawn
+    for k, view in enumerate(result.views, start=1):
+        x = 2 + k * (128 + 2)
+        tile = png[top + 2:top + 2 + 128, x:x + 128]
+        want = view.clamp(0, 1).permute(1, 2, 0).numpy() * 255
+        np.testing.assert_allclose(tile[::4, ::4], want, rtol=0, atol=0.51)  # 8-bit rounding
+        assert (tile == np.repeat(np.repeat(tile[::4, ::4], 4, 0), 4, 1)).all()  # nearest upscaling, 4 x 4 blocks
+    inp = png[top + 2:top + 2 + 128, 2:2 + 128][::4, ::4].astype(np.float64) / 255
+    small = F.interpolate(result.input_rgb[None].double(), size=(32, 32), mode="area")[0].permute(1, 2, 0).numpy()
+    assert np.abs(inp - small).mean() < 0.03  # the input tile shows the prepared input
+
+
 def test_generate_cli_end_to_end(ckpt, images, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["generate", str(images["rgba"]), str(images["white_jpeg"]), str(images["grey16"]),
@@ -186,6 +223,15 @@ def test_generate_cli_end_to_end(ckpt, images, tmp_path, capsys):
         _check_outputs(out, name)
     lines = [ln for ln in stdout.splitlines() if " -> " in ln]
     assert len(lines) == 3
+    # what was written is what the API returns for the same image and seed
+    from geco.generate import generate
+
+    [r] = generate(load_bundle(ckpt), images["rgba"], seed=3)
+    assert r.evals["unet"] == 2 and r.evals["unet_denoise"] == 1 and r.evals["unet_reference"] == 1
+    assert r.evals["reconstructor"] == 1 and r.evals["vae_decoder"] == 1 and r.evals["vision_encoder"] == 1
+    assert r.timings["generator_s"] > 0 and r.timings["reconstructor_s"] > 0
+    assert r.views.shape == (6, 3, 32, 32) and r.gaussians.means.shape == (1536, 3)
+    _check_outputs_match(out, "object", r)
     for ln in lines:
         assert "seed 3" in ln and "UNet calls 2: 1 denoising + 1 reference" in ln
         assert "reconstructor" in ln and "1 call" in ln and "export" in ln
@@ -199,17 +245,6 @@ def test_generate_cli_end_to_end(ckpt, images, tmp_path, capsys):
     s0, s1 = (PlyData.read(str(out2 / f"object_s{k}.ply"))["vertex"] for k in (0, 1))
     assert np.array_equal(first["x"], s0["x"]) and np.array_equal(first["f_dc_0"], s0["f_dc_0"])
     assert not np.array_equal(s0["f_dc_0"], s1["f_dc_0"])
-
-
-def test_generate_api_results(ckpt, images):
-    from geco.generate import generate
-
-    bundle = load_bundle(ckpt)
-    [r] = generate(bundle, images["rgba16"], seed=0)
-    assert r.evals["unet"] == 2 and r.evals["unet_denoise"] == 1 and r.evals["unet_reference"] == 1
-    assert r.evals["reconstructor"] == 1 and r.evals["vae_decoder"] == 1 and r.evals["vision_encoder"] == 1
-    assert r.timings["generator_s"] > 0 and r.timings["reconstructor_s"] > 0
-    assert r.views.shape == (6, 3, 32, 32) and r.gaussians.means.shape == (1536, 3)
 
 
 @pytest.mark.parametrize("case,match", [

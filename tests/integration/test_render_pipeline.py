@@ -225,17 +225,6 @@ def test_unreachable_s3_output_fails_before_any_work(tmp_path, monkeypatch, caps
     assert not (tmp_path / "m.db").exists()  # failed before any work, even before tracking
 
 
-def test_bad_config_names_the_file_and_field(tmp_path, capsys):
-    from cli.main import main
-
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("render:\n  blender:\n    samples: 0\n    engine: WORKBENCH\n")
-    assert main(["render", "-c", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert str(bad) in err and "render.blender.samples" in err and "render.blender.engine" in err
-    assert "CYCLES" in err  # what is allowed
-
-
 def test_objaverse_uids_render_with_licences_and_filter(tmp_path, ray_local):
     """Objaverse UIDs resolve through the objaverse package's on-disk cache layout (no network
     here); licences land in meta.json and `exclude_licenses` drops non-commercial objects."""

@@ -1,6 +1,7 @@
 """Typed configs: validation errors name the file and the field; overrides keep other defaults."""
 import pytest
 
+from cli.main import main
 from geco.config import ConfigError, GecoConfig, load_config
 
 
@@ -11,7 +12,7 @@ def test_partial_section_keeps_the_sections_own_defaults():
     assert cfg.pretrain.reconstructor.lr == base.pretrain.reconstructor.lr == 4e-4
 
 
-def test_error_names_file_field_and_allowed_values(tmp_path):
+def test_error_names_file_field_and_allowed_values(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("render:\n  blender:\n    samples: 0\n    engine: WORKBENCH\nbogus: 1\n")
     with pytest.raises(ConfigError) as e:
@@ -19,6 +20,11 @@ def test_error_names_file_field_and_allowed_values(tmp_path):
     msg = str(e.value)
     assert str(bad) in msg and "render.blender.samples" in msg and "render.blender.engine" in msg
     assert "CYCLES" in msg and "bogus" in msg
+    # the command line says the same in one line, exit status 2, before any work (no Ray, no tracking)
+    assert main(["render", "-c", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("geco: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(bad) in err and "render.blender.samples" in err and "render.blender.engine" in err and "CYCLES" in err
 
 
 def test_overrides_parse_yaml_scalars_and_reject_garbage():

@@ -164,6 +164,13 @@ def test_gradients_reach_inputs_not_weights(alex, imgs):
     assert not alex.training  # frozen in eval mode whatever the parent does
 
 
+# LPIPS's ScalingLayer (richzhang/PerceptualSimilarity, lpips/lpips.py, class ScalingLayer):
+# inputs in [-1, 1] are shifted and scaled per RGB channel before the trunk. Written out here, not read
+# from geco.models.lpips, so that the reference below is independent of the module's constants.
+UPSTREAM_SHIFT = torch.tensor([-0.030, -0.088, -0.188])
+UPSTREAM_SCALE = torch.tensor([0.458, 0.448, 0.450])
+
+
 def _reference_distance(net, sd, lin, x, y):
     """An independent functional LPIPS from torchvision's documented layer list."""
     if net == "alex":
@@ -183,7 +190,7 @@ def _reference_distance(net, sd, lin, x, y):
 
     def feats(z):
         out = []
-        z = (z * 2 - 1 - torch.tensor(L.SHIFT).view(1, 3, 1, 1)) / torch.tensor(L.SCALE).view(1, 3, 1, 1)
+        z = (z * 2 - 1 - UPSTREAM_SHIFT.view(1, 3, 1, 1)) / UPSTREAM_SCALE.view(1, 3, 1, 1)
         for j, op in enumerate(plan):
             if op == "r":
                 z = F.relu(z)

@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,8 @@ def _view_members(name: str, size: int, rng: np.random.Generator) -> dict[str, b
 def make_members(object_id: str, seed: int = 0) -> dict[str, bytes]:
     cams = sample_object_cameras(object_id, seed, cond_resolution=RES["cond"], z123_resolution=RES["zero123"],
                                  num_random=NUM_RANDOM, random_resolution=RES["random"])
-    rng = np.random.default_rng(abs(hash((object_id, seed))) % 2**32)
+    # zlib.crc32, not hash(): hash() of a str changes per process; the same object must get the same pixels
+    rng = np.random.default_rng(zlib.crc32(f"{object_id}/{seed}".encode()))
     names = ["cond", *view_names(len(cams) - 1)]
     members: dict[str, bytes] = {}
     cam_dicts = []
