@@ -78,7 +78,6 @@ def test_stage1_trains_tracks_and_exports_a_working_bundle(tmp_path, dataset, pr
                                                           capsys):
     import mlflow
 
-    from cli.main import main
     from geco.train.checkpoint import checkpoint_files, read_checkpoint_meta
     from pipelines import stage1
 
@@ -139,14 +138,7 @@ def test_stage1_trains_tracks_and_exports_a_working_bundle(tmp_path, dataset, pr
         lora_keys = list(f.keys())
     assert lora_keys and all(".lora_A." in k or ".lora_B." in k for k in lora_keys)
 
-    # the bundle works with `geco generate`
-    img = np.zeros((40, 40, 4), np.uint8)
-    img[8:32, 10:30] = (200, 60, 30, 255)
-    Image.fromarray(img).save(tmp_path / "object.png")
-    capsys.readouterr()
-    assert main(["generate", str(tmp_path / "object.png"), "--checkpoint", out.bundle_uri, "-o",
-                 str(tmp_path / "gen"), "--turntable-frames", "0", "--device", "cpu"]) == 0
-    assert (tmp_path / "gen" / "object.ply").is_file(), sorted(p.name for p in (tmp_path / "gen").iterdir())
+    # the bundle names what it was built from (test_dag runs `geco generate` on a stage-1 bundle)
     manifest = json.loads((Path(out.bundle_uri) / "geco.json").read_text())
     assert manifest["sources"]["reconstructor"] == str(pretrained / "reconstructor" / "model.safetensors")
 
