@@ -17,13 +17,14 @@ every check, so a killed run still leaves what it measured):
    GPU memory of each arm (``torch.cuda.max_memory_allocated`` from a reset before the object).
    Attention is torch SDPA already (the teacher's processors chain ``AttnProcessor2_0``).
 2. **Stage 1, one step at the paper's size** (:class:`geco.distill.vsd.VSDStep` built directly from
-   the library: the teacher of the bf16 bundle, ``OneStepGenerator.from_teacher`` in fp32,
-   ``make_fake_score``, two ``GradientStep`` s with AdamW; settings = ``configs/paper.yaml``'s
+   the library: the teacher in paper.yaml's ``models.teacher.dtype`` (float32),
+   ``OneStepGenerator.from_teacher`` in fp32, ``make_fake_score``, two ``GradientStep`` s with AdamW; settings = ``configs/paper.yaml``'s
    ``stage1``; gradient checkpointing on both UNets; bf16 autocast, the VSD gradient in fp32 as
    ``vsd_gradient`` computes it), with the full fake-score copy paper.yaml uses and with the LoRA
    option: seconds per step (the second step; the first allocates Adam's state) and peak memory
    against :func:`geco.distill.vsd.estimate_stage1_memory` (which leaves out the VAE, the CLIP
-   encoder, the reconstructor and the CUDA context: ``details`` lists their weights).
+   encoder, the reconstructor and the CUDA context, and counts the teacher at 16 bit: ``details``
+   lists those weights and the estimate with the teacher in its dtype).
 3. **Stage 2 and pseudo-GT**: not built yet (issue #12): "skipped: not built yet" rows. The hook:
    write ``check_stage2`` / ``check_pseudo_gt`` like ``check_stage1`` and put them in ``CHECKS``.
 4. **gsplat vs the torch rasterizer** (:func:`geco.render.splat.rasterize`, one entry point: CUDA
@@ -44,8 +45,10 @@ On the lent H200 (Python 3.12, torch with CUDA preinstalled; no network): ``benc
 downloads the missing wheels into ``.whl/`` here; then, carrying ``.whl``, one command there::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
-      .whl/*.whl && PYTHONPATH=/tmp/site:. TORCH_EXTENSIONS_DIR=/tmp/torch_ext OUT_DIR=${OUT:-/tmp} \\
-      python3 -m benchmarks gpu --out ${OUT:-benchmarks/results}
+      .whl/*.whl && PYTHONPATH=/tmp/site:. TORCH_EXTENSIONS_DIR=/tmp/torch_ext \\
+      python3 -m benchmarks gpu --out "${OUT:-benchmarks/results}"
+
+(``$OUT`` is the folder the device tool brings back; ``make gpu-wheels`` runs the prepare script.)
 """
 from __future__ import annotations
 
@@ -276,13 +279,15 @@ def check_compiled(run: Run) -> None:
 # 2. stage 1
 # ------------------------------------------------------------------------------------------------
 def paper_stage1_settings(fake_score: str):
-    """``configs/paper.yaml``'s ``stage1`` section (a :class:`geco.config.Stage1Config`), with ``fake_score``."""
+    """``configs/paper.yaml``'s ``stage1`` section (a :class:`geco.config.Stage1Config`) with ``fake_score``,
+    and its teacher's dtype name (``models.teacher.dtype``)."""
     import yaml
 
-    from geco.config import Stage1Config
+    from geco.config import Stage1Config, TeacherConfig
 
-    section = yaml.safe_load((REPO_ROOT / "configs" / "paper.yaml").read_text())["stage1"]
-    return Stage1Config.model_validate(section).model_copy(update={"fake_score": fake_score})
+    paper = yaml.safe_load((REPO_ROOT / "configs" / "paper.yaml").read_text())
+    teacher_dtype = paper.get("models", {}).get("teacher", {}).get("dtype", TeacherConfig().dtype)
+    return Stage1Config.model_validate(paper["stage1"]).model_copy(update={"fake_score": fake_score}), teacher_dtype
 
 
 def check_stage1(run: Run, fake_score: str) -> None:
@@ -300,10 +305,10 @@ def check_stage1(run: Run, fake_score: str) -> None:
     from geco.models.generator import OneStepGenerator
     from geco.train.loop import GradientStep, effective_precision, make_adamw
 
-    s = paper_stage1_settings(fake_score)
+    s, teacher_dtype = paper_stage1_settings(fake_score)
     train = s.train
     dev = run.device
-    b = run.bundle(torch.bfloat16 if run.paper else torch.float32)
+    b = run.bundle(getattr(torch, teacher_dtype) if run.paper else torch.float32)
     teacher = b.teacher
     teacher.requires_grad_(False)
     teacher.eval()
@@ -348,8 +353,12 @@ def check_stage1(run: Run, fake_score: str) -> None:
         run.skip(f"stage-1 {fake_score} peak GPU memory vs estimate", "no CUDA device", "GiB")
     others = {"vae_params_m": _params_m(teacher.vae), "vision_params_m": _params_m(teacher.vision_encoder),
               "reconstructor_params_m": _params_m(b.reconstructor)}
+    # the estimate counts the teacher's weights at 16 bit; paper.yaml keeps them in teacher_dtype
+    teacher_extra = est["teacher_weights"] * (torch.finfo(getattr(torch, teacher_dtype)).bits / 16 - 1)
     run.details[f"stage1_{fake_score}"] = {
-        "seconds": seconds, "memory_gib": mem, "estimate_gib": est, "not_in_estimate": others,
+        "seconds": seconds, "memory_gib": mem, "estimate_gib": est, "teacher_dtype": teacher_dtype,
+        "estimate_total_with_teacher_in_its_dtype_gib": round(est["total"] + teacher_extra, 3),
+        "not_in_estimate": others,
         "metrics_step2": {k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()},
         "settings": {"lr_generator": s.lr_generator, "lr_fake": s.lr_fake, "fake_loss": s.fake_loss,
                      "teacher_cfg": s.teacher_cfg, "fake_steps": s.fake_steps, "lora_rank": s.lora_rank},
