@@ -56,6 +56,9 @@ def test_inference_and_stage1_logic_ran_at_tiny_size(cpu_result):
     [one] = _rows(cpu_result, "cpu tiny float32", "one-step generator + reconstructor")
     [teacher] = _rows(cpu_result, "teacher 75 steps", "EXTRAPOLATED")
     assert one["value"] > 0 and teacher["value"] > 0 and teacher["baseline"] == one["value"]
+    [raster] = _rows(cpu_result, "rasterization (torch path)")
+    [total] = _rows(cpu_result, "cpu tiny float32", "+ rasterization")
+    assert raster["value"] > 0 and total["value"] == pytest.approx(one["value"] + raster["value"], rel=1e-3)
     for mode in ("full", "lora"):
         [step] = _rows(cpu_result, f"stage-1 step, fake score {mode}", "s/step")
         assert step["value"] > 0
