@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench gpu-wheels lint clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ test-fast: install
 
 bench: install
 	$(PY) -m benchmarks $(BENCH)
+
+gpu-wheels:  # the wheels a bare GPU machine lacks for `python3 -m benchmarks gpu`, into .whl/ (benchmarks/gpu.py)
+	benchmarks/gpu_prepare.sh
 
 lint: install
 	$(VENV)/bin/ruff check geco pipelines cli jobs tests benchmarks

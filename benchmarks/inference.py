@@ -171,8 +171,9 @@ def measure_memory(case: str, bundle_dir: Path, steps: int, threads: int) -> dic
 # GPU at the paper's size
 # ------------------------------------------------------------------------------------------------
 def paper_size_bundle(device, dtype):
-    """Random-weight models at the paper's sizes (module docstring), as a :class:`Bundle`. The generator
-    shares the teacher's UNet module (same cost; one copy of the weights in memory)."""
+    """Random-weight models at the paper's sizes (module docstring), as a :class:`Bundle` in ``dtype``
+    (the reconstructor too, for float16/bfloat16). The generator shares the teacher's UNet module (same
+    cost; one copy of the weights in memory). Also used by ``benchmarks/gpu.py``."""
     import torch
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -209,7 +210,7 @@ def paper_size_bundle(device, dtype):
             hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
             image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"))
         text_states = torch.randn(1, TEXT_LENGTH, 1024) * 0.5
-        rcfg = ReconstructorConfig(dtype="float16" if dtype == torch.float16 else "float32")
+        rcfg = ReconstructorConfig(dtype={torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32"))
         rec = build_reconstructor(rcfg).eval()
     for m in (unet, vae, vision):
         m.to(dtype)
