@@ -9,6 +9,7 @@ failure starts an embedded Ray (the dataset's samples cannot be decoded: the wor
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,6 +29,9 @@ def geco(*argv: str, env: dict | None = None, timeout: float = 300) -> subproces
                           cwd=ROOT, timeout=timeout)
 
 
+PROGRESS = re.compile(r"^[\w-]+ steps: +\d+%\|")  # a stage's tqdm bar (pipelines/training/progress.py)
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +42,8 @@ def assert_one_line(proc: subprocess.CompletedProcess, *names: str) -> None:
     err = proc.stderr
     assert proc.returncode == 2, (proc.returncode, err)
     assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("WARNING: ")]  # the project's own
+    # the project's own warnings and progress bars are what a person should see; anything else is noise
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("WARNING: ") and not PROGRESS.match(ln)]
     assert len(lines) == 1 and lines[0].startswith("geco: "), err
     for name in names:
         assert name in lines[0], (name, err)
