@@ -153,7 +153,7 @@ def test_s3_lost_mid_render_ends_in_one_line(lost_server, ray_local, tmp_path):
     out = lost_server.create_bucket("render") + "/shards"
     cfg = load_config(None, [
         "source.kind=procedural", "source.num_procedural=8", f"dataset.uri={out}",
-        "render.cond.resolution=32", "render.zero123.resolution=32", "render.random.count=1",
+        "render.cond.resolution=32", "render.zero123.resolution=32", "models.teacher.tile_size=32", "render.random.count=1",
         "render.random.resolution=32", "render.blender.samples=2", "render.blender.threads=1",
         "dataset.samples_per_shard=1", "dataset.val_fraction=0.0", "ray.num_renderers=1",
         "ray.cpus_per_renderer=0.5", f"cache.dir={tmp_path / 'cache'}", "cache.max_gb=1",
