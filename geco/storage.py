@@ -42,6 +42,7 @@ import shutil
 import socket
 import tempfile
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import IO, Callable, Iterator
@@ -65,6 +66,19 @@ class S3BucketError(StorageError):
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+def has_scheme(uri: str) -> bool:
+    """``s3://...``, ``procedural://...``, ``sqlite:///...`` (not a Windows drive letter or a plain path)."""
+    return len(urllib.parse.urlsplit(str(uri)).scheme) > 1
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (``~`` expanded); URIs with a scheme and ``""`` unchanged. Renderers
+    and Ray workers run with another working directory, so nothing hands them relative paths."""
+    if not uri or has_scheme(uri):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
 
 
 def split_s3(uri: str) -> tuple[str, str]:

@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from geco.config import GecoConfig
+from geco.storage import absolute_uri
 from geco.train.pretrain import TASKS
 from pipelines.stage import PretrainInputs, StageOutputs
-from pipelines.training import TrainJob, TrainResult, TrainSetupError, absolute_uri, run_training_stage
+from pipelines.training import TrainJob, TrainResult, TrainSetupError, run_training_stage
 
 STAGE = "pretrain"
 

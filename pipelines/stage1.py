@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 
 from geco import storage
 from geco.config import GecoConfig
+from geco.storage import absolute_uri
 from geco.train.stage1 import VSDTask
 from pipelines.stage import Stage1Inputs, StageOutputs
-from pipelines.training import TrainJob, TrainResult, TrainSetupError, absolute_uri, run_training_stage
+from pipelines.training import TrainJob, TrainResult, TrainSetupError, run_training_stage
 
 STAGE = "stage1"
 

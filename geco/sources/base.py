@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from geco import storage
+from geco.storage import absolute_uri, has_scheme
 
 if TYPE_CHECKING:
     from geco.config import SourceConfig
@@ -142,19 +141,6 @@ def source_list_hash(refs: list[ObjectRef]) -> str:
 
 def rejected(object_id: str, uri: str, kind: str, reason: str, **extra) -> ObjectRef:
     return ObjectRef(object_id, uri, (), "", None, kind, {"reason": reason, **extra})
-
-
-def has_scheme(uri: str) -> bool:
-    """``s3://...``, ``procedural://...`` (not a Windows drive letter or a plain path)."""
-    return len(urllib.parse.urlsplit(uri).scheme) > 1
-
-
-def absolute_uri(uri: str) -> str:
-    """A local path made absolute (``~`` expanded); URIs with a scheme and ``""`` unchanged.
-    Renderers run with another working directory, so a listing never hands out relative paths."""
-    if not uri or has_scheme(uri):
-        return uri
-    return os.path.abspath(os.path.expanduser(uri))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from pipelines.training.driver import (
     TrainJob,
     TrainResult,
     absolute_tracking_uri,
-    absolute_uri,
     run_training,
     run_training_stage,
 )
@@ -27,6 +26,6 @@ from pipelines.training.worker import FAULT_ENV, RESULT_FILE, log_weights, secti
 
 __all__ = [
     "FAULT_ENV", "RESULT_FILE", "DatasetInfo", "StageRun", "TrainJob", "TrainResult", "TrainSetupError",
-    "absolute_tracking_uri", "absolute_uri", "check_cluster", "check_dataset", "check_resources", "holdout_keys",
+    "absolute_tracking_uri", "check_cluster", "check_dataset", "check_resources", "holdout_keys",
     "log_weights", "preflight", "run_training", "run_training_stage", "section", "split_info", "training_datasets",
 ]

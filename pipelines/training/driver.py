@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 
 from geco import storage
 from geco.config import GecoConfig
+from geco.storage import absolute_uri
 from geco.tracking import start_run
 from pipelines.cluster import s3_filesystem
 from pipelines.training.datasets import DatasetInfo, split_info, training_datasets
@@ -106,11 +107,6 @@ def storage_for(uri: str) -> tuple[str, Any]:
 def storage_uri_for(storage_path: str) -> str:
     """Where Ray Train keeps a job's runs, as a URI: ``s3://...`` as given, a local path made absolute."""
     return storage_path if storage.is_s3(storage_path) else storage_for(storage_path)[0]
-
-
-def absolute_uri(uri: str) -> str:
-    """Local paths made absolute (Ray workers do not share the driver's working directory)."""
-    return uri if storage.is_s3(uri) or "://" in uri else str(Path(uri).expanduser().resolve())
 
 
 def absolute_tracking_uri(uri: str) -> str:
