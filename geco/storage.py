@@ -323,22 +323,29 @@ def stat(uri: str) -> dict:
     return {"size": st.st_size, "etag": f"{st.st_mtime_ns}-{st.st_size}"}
 
 
-def listdir(prefix: str, suffix: str = "") -> list[str]:
-    """All objects/files under ``prefix`` (recursively), as full URIs, sorted; hidden temporary
-    files (``.*.tmp-*``) are never listed."""
-    out: list[str] = []
+def list_stats(prefix: str) -> dict[str, dict]:
+    """``{uri: {"size", "etag"}}`` (as :func:`stat` gives them) of every object/file under ``prefix``,
+    recursively, from one listing (no request per object); hidden temporary files (``.*.tmp-*``) are
+    never listed."""
+    out: dict[str, dict] = {}
     if is_s3(prefix):
         bucket, key = split_s3(prefix)
         key = key.rstrip("/") + "/" if key else ""
         with s3_errors(prefix, missing="bucket"):
             for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
                 for obj in page.get("Contents", []):
-                    out.append(f"s3://{bucket}/{obj['Key']}")
+                    out[f"s3://{bucket}/{obj['Key']}"] = {"size": obj["Size"], "etag": obj["ETag"].strip('"')}
     else:
         root = Path(prefix)
         if root.is_dir():
-            out = [str(p) for p in root.rglob("*") if p.is_file()]
-    return sorted(u for u in out if u.endswith(suffix) and ".tmp-" not in basename(u))
+            out = {str(p): stat(str(p)) for p in root.rglob("*") if p.is_file()}
+    return {u: s for u, s in out.items() if ".tmp-" not in basename(u)}
+
+
+def listdir(prefix: str, suffix: str = "") -> list[str]:
+    """All objects/files under ``prefix`` (recursively), as full URIs, sorted; hidden temporary
+    files (``.*.tmp-*``) are never listed."""
+    return sorted(u for u in list_stats(prefix) if u.endswith(suffix))
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -517,11 +524,7 @@ def _s3_objects(uri: str) -> dict[str, tuple[str, str, int]]:
             return {basename(uri): (uri, st["etag"], int(st["size"]))}
         except FileNotFoundError:
             pass
-    out = {}
-    for u in listdir(uri):
-        st = stat(u)
-        out[u[len(uri) + 1:]] = (u, st["etag"], int(st["size"]))
-    return out
+    return {u[len(uri) + 1:]: (u, st["etag"], int(st["size"])) for u, st in list_stats(uri).items()}
 
 
 def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
