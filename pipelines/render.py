@@ -30,16 +30,18 @@ import io
 import json
 import logging
 import os
+import signal
 import statistics
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from geco import storage
+from geco import faults, storage
 from geco.config import GecoConfig, RenderConfig
 from geco.data import schema, shards
 from geco.data.cache import ObjectCache
@@ -47,7 +49,6 @@ from geco.sources import ObjectRef, SourceError, SourceListing, UnsafePath, list
 from geco.tracking import image_grid, start_run
 from pipelines.cluster import init_ray
 
-FAULT_ENV = "GECO_RENDER_FAULT"  # test-only fault injection, forwarded to the render actors
 log = logging.getLogger(__name__)
 
 
@@ -138,15 +139,20 @@ class RenderActor:
         self.cache = ObjectCache(cache_dir, cache_max_gb)
 
     def _maybe_die(self, object_id: str) -> None:
-        """Test-only: ``kill-actor:<object id>:<marker file>`` kills this actor process once."""
-        for spec in os.environ.get(FAULT_ENV, "").split(","):
-            parts = spec.split(":", 2)
-            if len(parts) == 3 and parts[0] == "kill-actor" and parts[1] == object_id:
-                marker = Path(parts[2])
-                if not marker.exists():
-                    marker.write_text(str(os.getpid()))
-                    self.renderer.close()
-                    os._exit(1)
+        """Test-only fault points (:mod:`geco.faults`): ``kill-actor`` closes Blender and exits once;
+        ``sigkill-actor`` SIGKILLs this actor once, a moment into rendering the object (no clean-up)."""
+        for oid, marker in faults.matching("kill-actor"):
+            if oid == object_id and faults.once(marker, "kill-actor"):
+                self.renderer.close()
+                os._exit(1)
+        for oid, marker in faults.matching("sigkill-actor"):
+            if oid == object_id and faults.once(marker, "sigkill-actor"):
+                def sigkill(marker: str = marker) -> None:
+                    with open(marker, "a") as f:
+                        f.write(f"blender {self.renderer.pid}\n")
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                threading.Timer(1.0, sigkill).start()
 
     def _render_one(self, ref: ObjectRef) -> dict:
         from geco.render.views import blender_settings, cameras_for
@@ -304,7 +310,7 @@ def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
         result.mlflow_run_id = tracker.run_id
         if todo:
             init_ray(cfg.ray.address)
-            fault = {FAULT_ENV: os.environ[FAULT_ENV]} if FAULT_ENV in os.environ else {}
+            fault = faults.forward()  # test-only fault points; empty unless a test turns them on
             ds = ray.data.from_items([{"ref": r.to_json()} for r in todo], override_num_blocks=len(todo))
             ds = ds.map_batches(
                 RenderActor, batch_size=1,

@@ -22,10 +22,10 @@ from pipelines.training.driver import (
     run_training_stage,
 )
 from pipelines.training.preflight import TrainSetupError, check_cluster, check_dataset, check_resources, preflight
-from pipelines.training.worker import FAULT_ENV, RESULT_FILE, log_weights, section
+from pipelines.training.worker import RESULT_FILE, log_weights, section
 
 __all__ = [
-    "FAULT_ENV", "RESULT_FILE", "DatasetInfo", "StageRun", "TrainJob", "TrainResult", "TrainSetupError",
+    "RESULT_FILE", "DatasetInfo", "StageRun", "TrainJob", "TrainResult", "TrainSetupError",
     "absolute_tracking_uri", "check_cluster", "check_dataset", "check_resources", "holdout_keys",
     "log_weights", "preflight", "run_training", "run_training_stage", "section", "split_info", "training_datasets",
 ]

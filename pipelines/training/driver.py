@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from geco import storage
+from geco import faults, storage
 from geco.config import GecoConfig
 from geco.storage import absolute_uri
 from geco.tracking import start_run
@@ -46,7 +46,7 @@ from pipelines.cluster import s3_filesystem
 from pipelines.training.datasets import DatasetInfo, split_info, training_datasets
 from pipelines.training.preflight import preflight
 from pipelines.training.progress import DriverProgress
-from pipelines.training.worker import RESULT_FILE, fault_env, section, task_path, train_loop_per_worker
+from pipelines.training.worker import RESULT_FILE, section, task_path, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def run_training(task_cls, cfg: GecoConfig, job_path: str, *, stage: str, datase
     resources = {"CPU": job.cpus_per_worker}
     if job.use_gpu:
         resources["GPU"] = job.gpus_per_worker
-    env = fault_env()  # test-only (pipelines.training.worker)
+    env = faults.forward()  # test-only fault points (geco.faults); empty unless a test turns them on
     if job.torch_threads:
         env["OMP_NUM_THREADS"] = str(job.torch_threads)
     result_uri = storage.join(storage_uri, run_name, RESULT_FILE)

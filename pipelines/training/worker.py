@@ -25,10 +25,10 @@ the MLflow run id and where outputs go. On every worker:
   exported URIs, final metrics, the MLflow run id) beside the run's checkpoints: the driver reads
   it back, and a re-run finds the stage complete from it.
 
-TEST-ONLY fault injection, here and nowhere else: ``GECO_TRAIN_FAULT=kill-at-step:<step>:<marker
-file>[:<rank>]`` (comma separated) makes that worker ``os._exit(1)`` right after optimiser step
-``<step>``, once (the marker file records that it happened). Ray Train then restarts the worker
-group, which resumes from the last checkpoint. The driver forwards the variable to the workers.
+Test-only fault points (:mod:`geco.faults`, inert unless ``GECO_TEST_FAULTS`` is set):
+``kill-at-step`` right after an optimiser step and ``kill-in-checkpoint`` inside a checkpoint
+report (files written, report not sent). Ray Train then restarts the worker group, which resumes
+from the last checkpoint it collected. The driver forwards the switch to the workers.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from geco import storage
+from geco import faults, storage
 from geco.config import GecoConfig
 from geco.tracking import Tracker
 from geco.train.stream import Prefetcher, RowStream
@@ -76,27 +76,15 @@ def resolve_task(path: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# TEST-ONLY: the fault hook (checked after every optimiser step)
+# test-only fault points (geco.faults: inert unless a test sets its switch)
 # ---------------------------------------------------------------------------------------------
-FAULT_ENV = "GECO_TRAIN_FAULT"
-
-
-def fault_env() -> dict[str, str]:
-    """The test-only fault variable, for the workers' runtime env (empty when it is not set)."""
-    return {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
-
-
-def maybe_inject_fault(step: int, rank: int) -> None:
-    """Test-only: ``GECO_TRAIN_FAULT=kill-at-step:<n>:<marker>[:<rank>]`` kills this worker once."""
-    for spec in os.environ.get(FAULT_ENV, "").split(","):
-        parts = spec.split(":")
-        if len(parts) < 3 or parts[0] != "kill-at-step":
-            continue
-        n, marker = int(parts[1]), Path(parts[2])
-        target = int(parts[3]) if len(parts) > 3 and parts[3] else 0
-        if step == n and rank == target and not marker.exists():
-            marker.write_text(f"pid {os.getpid()} rank {rank} step {step}\n")
-            log.warning("%s: killing worker rank %d after step %d", FAULT_ENV, rank, step)
+def _test_fault(kind: str, step: int, rank: int) -> None:
+    """``<kind>:<step>:<marker>[:<rank>]`` (``kill-at-step``, ``kill-in-checkpoint``) kills this worker once."""
+    for args in faults.matching(kind):
+        n, marker = int(args[0]), args[1]
+        target = int(args[2]) if len(args) > 2 and args[2] else 0
+        if step == n and rank == target and faults.once(marker, f"rank {rank} step {step} {kind}"):
+            log.warning("%s: %s: killing worker rank %d at step %d", faults.ENV, kind, rank, step)
             os._exit(1)
 
 
@@ -119,6 +107,7 @@ def _report(task, job, step: int, position, metrics: dict, rank: int, with_check
                             config_hash=task.config_hash(task.cfg, job, task.inputs), extra=task.extra_state(), rank=0)
         else:
             save_rng_state(tmp, rank)
+        _test_fault("kill-in-checkpoint", step, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
     _wait_until_collected()
@@ -277,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         progress.update(step, postfix, force=step == job.steps)
         rows_since += job.batch_size * job.grad_accumulation
-        maybe_inject_fault(step, rank)
+        _test_fault("kill-at-step", step, rank)
         if step % job.log_every == 0 or step == job.steps:
             now = time.perf_counter()
             span = max(now - t_log, 1e-9)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from geco import faults
 from geco.cameras import Camera, project_points
 from geco.config import RenderConfig
 from geco.render.views import blender_settings, cameras_for
@@ -406,7 +407,7 @@ def test_hang_times_out_and_crash_reports_log_then_next_object_renders(tmp_path)
     cfg = _render_config(res=32, n_random=0, samples=4)
     settings = blender_settings(cfg)
     glb = write_plain_glb(tmp_path / "ok.glb")
-    with BlenderRenderer(log_dir=tmp_path / "logs", env={"GECO_RENDER_FAULT": "hang:stuck,crash:boom"}) as r:
+    with BlenderRenderer(log_dir=tmp_path / "logs", env={faults.ENV: "hang:stuck,crash:boom"}) as r:
         res = r.render("stuck", glb, cameras_for("stuck", cfg), settings, tmp_path / "stuck", timeout_s=4)
         assert not res.ok and "timed out" in res.reason, res.reason
         assert "hanging on stuck" in res.log_tail

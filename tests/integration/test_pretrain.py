@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from geco import storage
+from geco import faults, storage
 from geco.config import load_config
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
@@ -179,10 +179,10 @@ def test_rerun_resumes_from_latest_s3_checkpoint(tmp_path, dataset, s3_bucket, m
 
 def test_killed_worker_is_restarted_and_resumes(tmp_path, dataset, monkeypatch):
     from pipelines import pretrain
-    from pipelines.training import FAULT_ENV, RESULT_FILE
+    from pipelines.training import RESULT_FILE
 
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, f"kill-at-step:3:{marker}:1")  # rank 1, right after step 3
+    monkeypatch.setenv(faults.ENV, f"kill-at-step:3:{marker}:1")  # rank 1, right after step 3
     cfg = tiny_config(tmp_path, dataset, f"sqlite:///{tmp_path / 'mlflow.db'}", "pretrain.targets=[reconstructor]",
                       *_job("reconstructor", steps=6, checkpoint_every=2, eval_every=0, num_workers=2,
                             batch_size=1, max_failures=2))

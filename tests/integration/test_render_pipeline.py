@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from geco import storage
+from geco import faults, storage
 from geco.config import load_config
 from geco.data import shards
 from geco.data.loader import iter_dataset
@@ -179,7 +179,7 @@ def test_hang_times_out_and_killed_actor_is_restarted(tmp_path, ray_local, monke
     from pipelines import render
 
     marker = tmp_path / "actor-killed"
-    monkeypatch.setenv(render.FAULT_ENV, f"hang:procedural-0001,kill-actor:procedural-0002:{marker}")
+    monkeypatch.setenv(faults.ENV, f"hang:procedural-0001,kill-actor:procedural-0002:{marker}")
     out = str(tmp_path / "shards")
     cfg = tiny_config(tmp_path, "procedural", "", out, None, "source.num_procedural=3",
                       "render.blender.timeout_s=8")

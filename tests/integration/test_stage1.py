@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from geco import faults
 from geco.config import load_config
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
@@ -146,10 +147,9 @@ def test_stage1_trains_tracks_and_exports_a_working_bundle(tmp_path, dataset, pr
 def test_killed_worker_resumes_and_rerun_continues(tmp_path, dataset, pretrained, monkeypatch, capsys):
     from cli.main import main
     from pipelines import stage1
-    from pipelines.training import FAULT_ENV
 
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, f"kill-at-step:3:{marker}:1")  # rank 1, right after step 3
+    monkeypatch.setenv(faults.ENV, f"kill-at-step:3:{marker}:1")  # rank 1, right after step 3
     cfg = tiny_config(tmp_path, dataset, pretrained, ["tracking.enabled=false"],
                       *_job(steps=4, num_workers=2, batch_size=1, eval_every=0, max_failures=2))
     out = stage1.run(cfg)

@@ -23,13 +23,12 @@ numbers come as ``--in``/``--out``. Messages are one JSON object per line.
   Python-registered UI classes after Python has finalised). Nothing may read success from this
   process's exit status anyway; replies carry it.
 
-Test-only fault injection
--------------------------
-``GECO_RENDER_FAULT=hang:<object_id>`` makes the server sleep forever when asked to render that
-object; ``GECO_RENDER_FAULT=crash:<object_id>`` makes it ``os._exit(1)`` after the first rendered
-frame of that object (mid-render). Several faults: comma-separated (``hang:a,crash:b``). Used by
-tests/integration/test_blender_render.py to exercise the worker's timeout and crash handling.
-Nothing else reads this variable.
+Test-only fault points (:mod:`geco.faults`, inert unless ``GECO_TEST_FAULTS`` is set)
+-----------------------------------------------------------------------------------------
+``hang:<object_id>`` makes the server sleep forever when asked to render that object;
+``crash:<object_id>`` makes it ``os._exit(1)`` after the first rendered frame of that object
+(mid-render). Used by tests/integration/test_blender_render.py to exercise the worker's timeout
+and crash handling.
 """
 from __future__ import annotations
 
@@ -41,7 +40,7 @@ import threading
 import time
 import traceback
 
-FAULT_ENV = "GECO_RENDER_FAULT"
+from geco import faults
 
 
 def _send(fd: int, message: dict) -> None:
@@ -75,21 +74,16 @@ def _exit(code: int) -> None:
 
 def _inject_fault(object_id: str) -> None:
     """Test-only: see the module docstring."""
-    items = [item.split(":", 1) for item in os.environ.get(FAULT_ENV, "").split(",") if ":" in item]
-    faults = {target: kind for kind, target in items}
-    kind = faults.get(object_id)
-    if kind is None:
-        return
-    if kind == "hang":
-        print(f"[geco-render] {FAULT_ENV}: hanging on {object_id}", flush=True)
+    if any(args[:1] == [object_id] for args in faults.matching("hang")):
+        print(f"[geco-render] {faults.ENV}: hanging on {object_id}", flush=True)
         while True:
             time.sleep(3600)
-    if kind == "crash":
+    if any(args[:1] == [object_id] for args in faults.matching("crash")):
         import bpy
 
         def _crash(*_args):
             # fd 2: BlenderProc redirects fd 1 into its progress-bar pipe while rendering
-            os.write(2, f"[geco-render] {FAULT_ENV}: crashing mid-render on {object_id}\n".encode())
+            os.write(2, f"[geco-render] {faults.ENV}: crashing mid-render on {object_id}\n".encode())
             os._exit(1)
 
         bpy.app.handlers.render_post.append(_crash)

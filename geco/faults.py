@@ -1,0 +1,67 @@
+"""Test-only fault injection: one switch, one place, inert unless a test turns it on.
+
+The recovery paths of the pipeline (a training worker killed between steps or inside a checkpoint
+report, a render actor killed with or without clean-up, a Blender child that hangs or crashes
+mid-render) are tested by making the real processes die at chosen points. Those points call
+:func:`matching`; everything they need is read from ONE environment variable,
+``GECO_TEST_FAULTS``. Unset — always, outside the test suite — every hook is one dictionary
+lookup that finds nothing, and nothing else changes.
+
+The value is a comma-separated list of faults, each ``<kind>:<arg>:<arg>...``:
+
+====================================================  ==================================================
+``kill-at-step:<step>:<marker>[:<rank>]``             a training worker ``os._exit(1)`` right after
+                                                      optimiser step ``<step>`` (rank 0 by default)
+``kill-in-checkpoint:<step>:<marker>[:<rank>]``       a training worker ``os._exit(1)`` inside the
+                                                      checkpoint report of ``<step>``: its files are
+                                                      written, Ray Train never receives the report
+``kill-actor:<object id>:<marker>``                   a render actor closes its Blender, then exits
+``sigkill-actor:<object id>:<marker>``                a render actor is SIGKILLed while its Blender
+                                                      renders that object (no clean-up at all)
+``hang:<object id>``                                  the Blender child sleeps forever on that object
+``crash:<object id>``                                 the Blender child exits after its first frame
+====================================================  ==================================================
+
+Faults with a ``<marker>`` file fire once: :func:`once` creates the marker (recording the pid and
+what happened) and the fault is skipped while it exists, so a restarted process carries on.
+Processes that the pipeline starts (Ray Train workers, Ray Data render actors, the Blender child)
+inherit the variable through :func:`forward` or their parent's environment.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV = "GECO_TEST_FAULTS"
+
+__all__ = ["ENV", "forward", "matching", "once"]
+
+
+def matching(kind: str) -> list[list[str]]:
+    """The arguments of each configured fault of ``kind`` (``[]`` when test faults are off)."""
+    value = os.environ.get(ENV)
+    if not value:
+        return []
+    found = []
+    for spec in value.split(","):
+        parts = spec.strip().split(":")
+        if parts[0] == kind:
+            found.append(parts[1:])
+    return found
+
+
+def once(marker: str | Path, note: str) -> bool:
+    """True the first time a fault with this marker file fires (the file is then created, holding
+    ``note`` and this pid); False once it exists."""
+    try:
+        with open(marker, "x") as f:
+            f.write(f"pid {os.getpid()} {note}\n")
+    except FileExistsError:
+        return False
+    return True
+
+
+def forward() -> dict[str, str]:
+    """The switch, for the environment of a process the pipeline starts (empty when it is off)."""
+    value = os.environ.get(ENV)
+    return {ENV: value} if value else {}
