@@ -182,7 +182,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--output", "-o", metavar="URI", help="where the weights go (overrides pretrain.output_uri)")
     s1.add_argument("--output", "-o", metavar="URI", help="where the generator and bundle go (overrides stage1.output_uri)")
     s1.add_argument("--teacher", metavar="URI", help="teacher folder or pretrain output (default: models.teacher."
-                    "pretrained, else pretrain.output_uri's teacher when there)")
+                    "pretrained, else pretrain.output_uri's teacher when there); `tiny`: a tiny random one (tests)")
     s1.add_argument("--reconstructor", metavar="URI", help="reconstructor .safetensors or pretrain output (default: "
                     "models.reconstructor.pretrained, else pretrain.output_uri's when there)")
 

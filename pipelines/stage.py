@@ -32,7 +32,8 @@ class PretrainInputs:
 class Stage1Inputs:
     """Stage 1 distils the teacher at ``teacher_uri`` (a Zero123++ folder) on the shards at
     ``dataset_uri``, and bundles the reconstructor at ``reconstructor_uri`` (a .safetensors file)
-    with the generator. ``""``: a tiny random model (tests only). Local paths are absolute."""
+    with the generator. ``teacher_uri="tiny"`` / ``reconstructor_uri=""``: a tiny random model
+    (tests only). Local paths are absolute."""
 
     dataset_uri: str
     teacher_uri: str = ""

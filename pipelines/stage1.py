@@ -12,7 +12,10 @@
 
 Where the teacher and reconstructor come from, when nobody says (:func:`default_inputs`):
 ``models.<m>.pretrained`` when set, else what `geco train pretrain` wrote under
-``pretrain.output_uri`` when it is there, else "" (a tiny random model, with a warning: tests only).
+``pretrain.output_uri`` when it is there. Nothing found: for the reconstructor "" (a tiny random one,
+with a warning); for the teacher a :class:`~pipelines.training.TrainSetupError` - distilling a random
+teacher by accident is worthless, so the tiny random teacher must be asked for by name,
+``--teacher tiny`` / ``models.teacher.pretrained: tiny`` (tests and demos only).
 A given URI may be the weights themselves (a Zero123++ folder; a .safetensors file) or a pretrain
 output folder holding them (teacher/, reconstructor/model.safetensors); one that holds neither
 is a :class:`~pipelines.training.TrainSetupError` naming it.
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 
 from geco import storage
 from geco.config import GecoConfig
+from geco.models.teacher import TINY as TINY_TEACHER
 from geco.storage import absolute_uri
 from geco.train.stage1 import VSDTask
 from pipelines.stage import Stage1Inputs, StageOutputs
@@ -42,7 +46,7 @@ class Stage1Outputs(StageOutputs):
 
     stage: str = STAGE
     output_uri: str = ""
-    teacher_uri: str = ""  # the teacher that was distilled ("" = a tiny random one)
+    teacher_uri: str = ""  # the teacher that was distilled ("tiny" = the tiny random one)
     reconstructor_uri: str = ""  # the reconstructor in the bundle ("" = a tiny random one)
     metrics: dict[str, float] = field(default_factory=dict)  # the final held-out metrics (eval/ stripped)
     result: TrainResult | None = None
@@ -64,12 +68,12 @@ class Stage1Outputs(StageOutputs):
     def note(self) -> str:
         r = self.result
         note = f"step {r.step}{r.how()}" if r is not None else "no result"
-        return note + f"; teacher {self.teacher_uri or 'tiny random'} -> bundle {self.bundle_uri}"
+        return note + f"; teacher {self.teacher_uri or 'none'} -> bundle {self.bundle_uri}"
 
     def summary(self) -> str:
         head = "nothing to do; " if not self.did_work else ""
         lines = [f"stage1: {head}evaluated on {len(self.eval_keys)} {self.val_source} object(s) in {self.seconds:.1f} s",
-                 f"  teacher: {self.teacher_uri or 'tiny random'}"]
+                 f"  teacher: {self.teacher_uri or 'none'}"]
         if self.result is not None:
             lines.append("  " + self.result.summary().replace("\n", "\n  "))
         if self.mlflow_run_id:
@@ -82,9 +86,9 @@ class Stage1Outputs(StageOutputs):
 # ---------------------------------------------------------------------------------------------
 def teacher_folder(uri: str, what: str = "teacher") -> str:
     """``uri`` (a Zero123++ teacher folder, or a pretrain output holding ``teacher/``) -> the teacher
-    folder, absolute when local; "" stays "". Else :class:`TrainSetupError` naming it."""
-    if not uri:
-        return ""
+    folder, absolute when local; "" and "tiny" stay as they are. Else :class:`TrainSetupError` naming it."""
+    if uri in ("", TINY_TEACHER):
+        return uri
     uri = absolute_uri(uri.rstrip("/"))
     for cand in (uri, storage.join(uri, "teacher")):
         if storage.exists(storage.join(cand, "model_index.json")):
@@ -112,7 +116,9 @@ def default_inputs(cfg: GecoConfig, *, dataset_uri: str | None = None, teacher: 
                    reconstructor: str | None = None) -> Stage1Inputs:
     """The stage's inputs: each of ``teacher`` / ``reconstructor`` when given, else
     ``models.<m>.pretrained`` when set, else the pretrain stage's output under
-    ``pretrain.output_uri`` when it is there, else "" (tiny random). Checked and made absolute."""
+    ``pretrain.output_uri`` when it is there, else "" for the reconstructor (tiny random) and a
+    :class:`TrainSetupError` for the teacher (``"tiny"`` asks for the tiny random one). Checked and
+    made absolute."""
     def pick(given: str | None, name: str, resolve) -> str:
         if given:
             return resolve(given, f"--{name}")
@@ -122,7 +128,12 @@ def default_inputs(cfg: GecoConfig, *, dataset_uri: str | None = None, teacher: 
         try:
             return resolve(cfg.pretrain.output_uri, f"pretrain.output_uri ({name})")
         except TrainSetupError:
-            return ""  # nothing pretrained: a tiny random model (VSDTask warns)
+            if name == "teacher":
+                raise TrainSetupError(
+                    f"stage1: no teacher: models.teacher.pretrained is empty and {cfg.pretrain.output_uri} holds no "
+                    "pretrained teacher; run `geco train pretrain` first, give --teacher URI, or --teacher "
+                    f"{TINY_TEACHER} for a tiny random one (tests only)") from None
+            return ""  # nothing pretrained: a tiny random reconstructor (VSDTask warns)
 
     return Stage1Inputs(dataset_uri=dataset_uri or cfg.dataset.uri,
                         teacher_uri=pick(teacher, "teacher", teacher_folder),
@@ -136,6 +147,9 @@ def run(cfg: GecoConfig, inputs: Stage1Inputs | None = None, *, parent_run_id: s
     """Distil ``inputs.teacher_uri`` into the one-step generator (``inputs``: :func:`default_inputs`
     when None); returns where the weights went."""
     inputs = inputs or default_inputs(cfg)
+    if not inputs.teacher_uri:
+        raise TrainSetupError(f"stage1: no teacher input; give a teacher folder or pretrain output, or {TINY_TEACHER!r} "
+                              "for a tiny random one (tests only)")
     s1 = cfg.stage1
     fsdp = s1.fsdp and s1.train.num_workers > 1
     job = TrainJob(STAGE, VSDTask, "stage1.train", log_weights=("bundle",) if s1.log_weights else False,
@@ -144,7 +158,7 @@ def run(cfg: GecoConfig, inputs: Stage1Inputs | None = None, *, parent_run_id: s
     run = run_training_stage(
         cfg, STAGE, [job], dataset_uri=inputs.dataset_uri, output_uri=s1.output_uri, inputs=inputs.task_inputs(),
         parent_run_id=parent_run_id,
-        tags={"geco.teacher_uri": inputs.teacher_uri or "tiny random",
+        tags={"geco.teacher_uri": inputs.teacher_uri,
               "geco.reconstructor_uri": inputs.reconstructor_uri or "tiny random",
               "geco.stage1.parallel": "fsdp" if fsdp else "ddp"})
     result = run.results[STAGE]

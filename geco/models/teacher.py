@@ -879,9 +879,12 @@ def build_tiny_teacher(cfg: TeacherConfig, seed: int = 0) -> Zero123PlusTeacher:
     return teacher
 
 
+TINY = "tiny"  # ``models.teacher.pretrained: tiny``: the tiny random teacher, asked for by name (tests, demos)
+
+
 def make_teacher(cfg: TeacherConfig) -> Zero123PlusTeacher:
-    """Real weights when ``cfg.pretrained`` is set, else the tiny random teacher."""
-    return load_teacher(cfg) if cfg.pretrained else build_tiny_teacher(cfg)
+    """Real weights when ``cfg.pretrained`` names them, else the tiny random teacher ("" or :data:`TINY`)."""
+    return load_teacher(cfg) if cfg.pretrained not in ("", TINY) else build_tiny_teacher(cfg)
 
 
 # ================================================================================================
@@ -1003,8 +1006,8 @@ def load_teacher(cfg: TeacherConfig, cache_dir: str | os.PathLike | None = None)
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-    if not cfg.pretrained:
-        raise ValueError("TeacherConfig.pretrained is empty: use build_tiny_teacher(cfg) or make_teacher(cfg)")
+    if cfg.pretrained in ("", TINY):
+        raise ValueError(f"TeacherConfig.pretrained is {cfg.pretrained!r}: use build_tiny_teacher(cfg) or make_teacher(cfg)")
     cache_dir = cache_dir or cfg.cache_dir or None
     root = _local_copy(cfg.pretrained, cache_dir)
     if not root.is_dir():

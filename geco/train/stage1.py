@@ -98,7 +98,8 @@ _TEACHER_RUNTIME_FIELDS = {"guidance_scale", "num_inference_steps", "sampler", "
 # The stage's inputs (``pipelines.stage.Stage1Inputs``, built by the DAG from the pretrain stage's
 # outputs or by `geco train stage1 --teacher/--reconstructor`) arrive as ``inputs``:
 # ``{"teacher": URI, "reconstructor": URI}``, each a Zero123++ teacher folder / a reconstructor
-# .safetensors file, or "" (a tiny random model: tests only). A missing name keeps
+# .safetensors file; the teacher may be "tiny" (the tiny random teacher, asked for by name: tests
+# only; an empty teacher is refused), the reconstructor "" (a tiny random one). A missing name keeps
 # ``models.<name>.pretrained``. Nothing here resolves or probes storage: the pipeline did.
 INPUT_MODELS = ("teacher", "reconstructor")
 
@@ -299,6 +300,7 @@ class VSDTask(TrainTask):
             set_gradient_checkpointing,
         )
         from geco.models.generator import make_generator
+        from geco.models.teacher import TINY as TINY_TEACHER
         from geco.models.teacher import make_teacher
 
         # the task's view of the config: the models' weights are the stage's inputs
@@ -306,8 +308,11 @@ class VSDTask(TrainTask):
         super().__init__(cfg, job, ctx, inputs)
         s = self.s1 = cfg.stage1
         if not cfg.models.teacher.pretrained:
-            log.warning("stage1: no teacher weights (no teacher input and models.teacher.pretrained is empty): "
-                        "distilling a tiny RANDOM teacher (tests only)")
+            raise ValueError("stage1: no teacher (no teacher input and models.teacher.pretrained is empty); name its "
+                             f"weights, or set models.teacher.pretrained={TINY_TEACHER} for a tiny random one (tests only)")
+        if cfg.models.teacher.pretrained == TINY_TEACHER:
+            log.warning("stage1: distilling the tiny RANDOM teacher (models.teacher.pretrained=%s: tests only)",
+                        TINY_TEACHER)
         if s.fake_cfg != 1.0 and s.fake_drop_cond_prob == 0.0:
             log.warning("stage1.fake_cfg=%s but stage1.fake_drop_cond_prob=0: the fake score never learns the "
                         "unconditional branch its guidance uses", s.fake_cfg)

@@ -72,6 +72,20 @@ def assert_nothing_written(written: list[Path]) -> None:
 JOB = {"stage1": "stage1.train", "pretrain": "pretrain.teacher"}  # the job section each stage trains first
 
 
+def train(stage: str) -> list[str]:
+    """``geco train <stage>``; stage 1 on the tiny random teacher, asked for by name (nothing is pretrained here)."""
+    return ["train", stage] + (["--teacher", "tiny"] if stage == "stage1" else [])
+
+
+def test_stage1_without_a_teacher_is_refused_in_one_line(capsys, setup):
+    cfg_file, _, written = setup
+    rc, err = run_cli(capsys, "train", "stage1", "--config", str(cfg_file))
+    assert rc == 2, err
+    assert "stage1: no teacher" in err and "geco train pretrain" in err and "--teacher tiny" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert_nothing_written(written)
+
+
 @pytest.mark.parametrize("stage", ["stage1", "pretrain"])
 def test_unknown_field_names_the_file_the_field_and_a_suggestion(tmp_path, capsys, setup, stage):
     cfg_file, _, written = setup
@@ -79,7 +93,7 @@ def test_unknown_field_names_the_file_the_field_and_a_suggestion(tmp_path, capsy
     line = {"stage1": "  train: {steps: 2,", "pretrain": "  teacher: {steps: 2,"}[stage]
     assert line in cfg_file.read_text()
     bad.write_text(cfg_file.read_text().replace(line, line.replace("steps", "stepz")))
-    rc, err = run_cli(capsys, "train", stage, "--config", str(bad))
+    rc, err = run_cli(capsys, *train(stage), "--config", str(bad))
     assert rc == 2, err
     assert str(bad) in err and f"{JOB[stage]}.stepz: unknown field; did you mean 'steps'?" in err, err
     assert_nothing_written(written)
@@ -89,10 +103,10 @@ def test_unknown_field_names_the_file_the_field_and_a_suggestion(tmp_path, capsy
 def test_dataset_without_a_manifest(tmp_path, capsys, setup, ray_local, stage):
     cfg_file, _, written = setup
     (tmp_path / "empty").mkdir()
-    rc, err = run_cli(capsys, "train", stage, "--config", str(cfg_file), "--data", str(tmp_path / "empty"))
+    rc, err = run_cli(capsys, *train(stage), "--config", str(cfg_file), "--data", str(tmp_path / "empty"))
     assert rc == 2, err
     assert f"dataset.uri={tmp_path / 'empty'}: no shard manifest" in err and "geco render" in err, err
-    rc, err = run_cli(capsys, "train", stage, "--config", str(cfg_file), "--data", str(tmp_path / "nowhere"))
+    rc, err = run_cli(capsys, *train(stage), "--config", str(cfg_file), "--data", str(tmp_path / "nowhere"))
     assert rc == 2 and f"dataset.uri={tmp_path / 'nowhere'}: no such folder" in err, err
     assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
     assert_nothing_written(written)
@@ -102,7 +116,7 @@ def test_dataset_without_a_manifest(tmp_path, capsys, setup, ray_local, stage):
 def test_manifest_whose_shard_file_is_gone(tmp_path, capsys, setup, ray_local, stage):
     cfg_file, data, written = setup
     (Path(data) / "shard-000001.tar").unlink()
-    rc, err = run_cli(capsys, "train", stage, "--config", str(cfg_file))
+    rc, err = run_cli(capsys, *train(stage), "--config", str(cfg_file))
     assert rc == 2, err
     assert f"dataset.uri={data}: 1 shard file(s) listed by its manifest v000001 are missing" in err, err
     assert "(shard-000001.tar; 2 object(s))" in err and "shard-000001.json" in err and "geco render" in err, err
@@ -119,7 +133,7 @@ def test_truncated_shard_is_named_before_training(tmp_path, capsys, setup, stage
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(size - 700)
-    rc, err = run_cli(capsys, "train", stage, "--config", str(cfg_file))
+    rc, err = run_cli(capsys, *train(stage), "--config", str(cfg_file))
     assert rc == 2, err
     assert f"dataset.uri={data}: 1 shard file(s) are not the files its manifest v000001 recorded" in err, err
     assert f"(shard-000001.tar: {size - 700} bytes, the manifest recorded {size}; 2 object(s))" in err, err
@@ -146,7 +160,7 @@ def test_damaged_shard_of_the_right_size_is_found_with_verify_hashes(setup):
 def test_gpu_asked_for_on_a_cluster_without_one(capsys, setup, ray_local, stage):
     cfg_file, _, written = setup
     job = JOB[stage]
-    rc, err = run_cli(capsys, "train", stage, "--config", str(cfg_file), "--set", f"{job}.use_gpu=true",
+    rc, err = run_cli(capsys, *train(stage), "--config", str(cfg_file), "--set", f"{job}.use_gpu=true",
                       "--set", f"{job}.num_workers=2")
     assert rc == 2, err
     assert f"{job}.use_gpu=true asks for 2 GPU(s) (num_workers 2 x gpus_per_worker 1) but the Ray cluster at" in err
@@ -171,13 +185,13 @@ def test_dag_checks_every_training_job_before_rendering(capsys, setup, ray_local
 def test_more_cpus_than_the_cluster_has(capsys, setup, ray_local, stage):
     cfg_file, _, written = setup
     job = JOB[stage]
-    rc, err = run_cli(capsys, "train", stage, "--config", str(cfg_file), "--set", f"{job}.num_workers=3",
+    rc, err = run_cli(capsys, *train(stage), "--config", str(cfg_file), "--set", f"{job}.num_workers=3",
                       "--set", f"{job}.cpus_per_worker=1")
     assert rc == 2, err
     assert f"{job} asks for 3 CPU(s) (num_workers 3 x cpus_per_worker 1) but the Ray cluster at" in err, err
     assert "has 2;" in err, err
     # fits, but leaves Ray Data no CPU to read the shards with: would hang as well
-    rc, err = run_cli(capsys, "train", stage, "--config", str(cfg_file), "--set", f"{job}.cpus_per_worker=1.5")
+    rc, err = run_cli(capsys, *train(stage), "--config", str(cfg_file), "--set", f"{job}.cpus_per_worker=1.5")
     assert rc == 2, err
     assert f"{job}: its workers take 1.5 CPU(s)" in err and "leaving 0.5; Ray Data" in err, err
     assert_nothing_written(written)
@@ -199,7 +213,7 @@ def test_the_python_entry_points_raise_before_anything_is_written(setup, ray_loc
     cfg_file, _, written = setup
     cfg = load_config(cfg_file, ["stage1.train.use_gpu=true"])
     with pytest.raises(TrainSetupError, match=r"stage1\.train\.use_gpu=true asks for 1 GPU\(s\)"):
-        stage1.run(cfg)
+        stage1.run(cfg, stage1.default_inputs(cfg, teacher="tiny"))
     cfg = load_config(cfg_file, ["pretrain.reconstructor.use_gpu=true"])
     with pytest.raises(TrainSetupError, match=r"pretrain\.reconstructor\.use_gpu=true asks for 1 GPU\(s\)"):
         pretrain.run(cfg)

@@ -37,7 +37,7 @@ def test_stage1_sources_follow_pretrain(tmp_path):
     assert (s1.teacher_uri, s1.reconstructor_uri) == (str(trained / "teacher"), recon)  # trained here; given weights
     assert s1.dataset_uri == cfg.dataset.uri and cfg.models.teacher.pretrained == ""  # the config is not rewritten
     assert s1.task_inputs() == {"teacher": str(trained / "teacher"), "reconstructor": recon}
-    # no pretrain in this run: the configured weights, else an earlier pretrain output, else tiny random ("")
+    # no pretrain in this run: the configured weights, else an earlier pretrain output
     cfg = load_config(None, [f"models.teacher.pretrained={given / 'teacher'}", f"pretrain.output_uri={trained}"])
     s1 = stage1_inputs(_ctx(cfg))
     assert (s1.teacher_uri, s1.reconstructor_uri) == (str(given / "teacher"),
@@ -45,8 +45,16 @@ def test_stage1_sources_follow_pretrain(tmp_path):
     cfg = load_config(None, [f"pretrain.output_uri={given}"])
     s1 = stage1_inputs(_ctx(cfg))
     assert (s1.teacher_uri, s1.reconstructor_uri) == (str(given / "teacher"), recon)
-    s1 = stage1_inputs(_ctx(load_config(None, [f"pretrain.output_uri={tmp_path / 'none'}"])))
-    assert (s1.teacher_uri, s1.reconstructor_uri) == ("", "")
+    # nothing anywhere: no teacher is refused in one line; the tiny random one must be asked for by name
+    # (the reconstructor still falls back to a tiny random one)
+    from pipelines.training import TrainSetupError
+
+    with pytest.raises(TrainSetupError, match=r"^stage1: no teacher: .* --teacher tiny for a tiny random one") as err:
+        stage1_inputs(_ctx(load_config(None, [f"pretrain.output_uri={tmp_path / 'none'}"])))
+    assert "\n" not in str(err.value)
+    cfg = load_config(None, [f"pretrain.output_uri={tmp_path / 'none'}", "models.teacher.pretrained=tiny"])
+    s1 = stage1_inputs(_ctx(cfg))
+    assert (s1.teacher_uri, s1.reconstructor_uri) == ("tiny", "")
 
 
 def test_stage1_inputs_from_a_pretrain_output(tmp_path):
@@ -64,5 +72,6 @@ def test_stage1_inputs_from_a_pretrain_output(tmp_path):
     assert s1.teacher_uri == str(pre / "teacher") and s1.reconstructor_uri == ""
     with pytest.raises(TrainSetupError, match="pretrain"):
         default_inputs(cfg, teacher=str(tmp_path))
+    assert default_inputs(cfg, teacher="tiny").teacher_uri == "tiny"  # `--teacher tiny`
     with pytest.raises(TrainSetupError, match="no reconstructor weights"):
         default_inputs(cfg, reconstructor=str(tmp_path))

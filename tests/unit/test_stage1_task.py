@@ -17,7 +17,7 @@ from geco.train.checkpoint import load_checkpoint, save_checkpoint
 from geco.train.loop import StepPlan, WorkerContext
 
 TINY = [
-    "models.teacher.tile_size=16", "models.teacher.cond_size=16", "models.teacher.tiny_block_out_channels=[16,32]",
+    "models.teacher.pretrained=tiny", "models.teacher.tile_size=16", "models.teacher.cond_size=16", "models.teacher.tiny_block_out_channels=[16,32]",
     "models.reconstructor.input_size=16", "models.reconstructor.lgm.down_channels=[8,16,32]",
     "models.reconstructor.lgm.down_attention=[false,false,true]", "models.reconstructor.lgm.up_channels=[32,16]",
     "models.reconstructor.lgm.up_attention=[true,false]", "models.reconstructor.lgm.num_heads=2",
@@ -102,6 +102,17 @@ def test_lora_step_keeps_teacher_and_checkpoint_holds_only_the_adapter(tmp_path)
     assert type(task).config_hash(load_config(None, TINY + ["stage1.lr_fake=1e-6"]), job) == h
     assert type(task).config_hash(load_config(None, TINY + ["stage1.lora_rank=8"]), job) != h
     assert type(task).config_hash(load_config(None, TINY + ["stage1.fake_score=full"]), job) != h
+
+
+def test_an_empty_teacher_is_refused_and_tiny_is_asked_for_by_name():
+    from geco.train.stage1 import VSDTask
+
+    cfg = load_config(None, TINY + ["models.teacher.pretrained="])
+    with pytest.raises(ValueError, match=r"^stage1: no teacher .* models\.teacher\.pretrained=tiny") as err:
+        VSDTask(cfg, cfg.stage1.train, WorkerContext())
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="no teacher"):  # an empty input overrides a configured teacher
+        VSDTask(load_config(None, TINY), cfg.stage1.train, WorkerContext(), {"teacher": "", "reconstructor": ""})
 
 
 def test_per_network_optimiser_settings_and_the_job_settings_stage1_rejects():
