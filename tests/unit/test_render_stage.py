@@ -112,3 +112,88 @@ def test_cli_exit_2_for_an_empty_source_and_a_wrong_kind(tmp_path):
         lines = [ln for ln in p.stderr.splitlines() if ln.startswith("geco:")]
         assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
         assert ("no objects" if not extra else "set source.kind=auto") in lines[0]
+
+
+class FakeRenderers:
+    """Ray Data and the Blender actors replaced by a stand-in that "renders" each object into
+    synthetic members at once (``tests.unit.test_shards.make_members``): everything the driver
+    decides and commits is real. ``asked`` records the object ids of each run that had work;
+    ``fail`` holds ids that fail as broken objects; ``crash_after`` kills the run (an exception out
+    of the row stream, as a dying driver's would end it) after that many rows."""
+
+    def __init__(self, monkeypatch):
+        import ray.data
+
+        self.asked: list[list[str]] = []
+        self.fail: set[str] = set()
+        self.crash_after: int | None = None
+        monkeypatch.setattr(ray.data, "from_items", self.from_items)
+        monkeypatch.setattr(render, "init_ray", lambda *a, **k: None)
+
+    def from_items(self, items, **_):
+        self.asked.append([ObjectRef.from_json(i["ref"]).object_id for i in items])
+        return self
+
+    def map_batches(self, *_, **__):
+        return self
+
+    def iter_rows(self):
+        from tests.unit.test_shards import make_members
+
+        for n, oid in enumerate(self.asked[-1]):
+            if self.crash_after is not None and n == self.crash_after:
+                self.crash_after = None
+                raise KeyboardInterrupt("the driver died")
+            ok = oid not in self.fail
+            yield {"object_id": oid, "uri": "", "ok": ok, "reason": "" if ok else "Bad glTF: json error",
+                   "log_tail": "", "seconds": 0.1, "retryable": False,
+                   "sample": render.pack_members(make_members(oid)) if ok else b"", "meta": "{}"}
+
+
+def live_keys(out: Path) -> list[str]:
+    """Each object id as often as readers see it (the latest manifest's live samples)."""
+    man = shards.read_latest_manifest(str(out))
+    return sorted(k for s in man["shards"] for k in (x["key"] for x in s["samples"]) if k not in s.get("superseded", []))
+
+
+def test_a_rerun_after_a_crash_renders_only_what_is_missing_and_retry_failed_retries(tmp_path, monkeypatch):
+    src, out = tmp_path / "objs", tmp_path / "out"
+    ids = [f"procedural-000{i}" for i in range(5)]
+    for i in range(5):
+        make_procedural_glb(i, 0, src)
+    cfg = config(src, out, "source.kind=dir", "dataset.samples_per_shard=2")
+    fake = FakeRenderers(monkeypatch)
+    fake.fail = {ids[4]}
+    fake.crash_after = 3  # the first shard (2 objects) is committed, the third object is lost mid-shard
+    with pytest.raises(KeyboardInterrupt):
+        render.run(cfg)
+    assert sorted(shards.committed_state(str(out))["objects"]) == ids[:2]
+
+    again = render.run(cfg)  # only what the crashed run did not commit
+    assert fake.asked[-1] == ids[2:] and (again.rendered, again.skipped, again.failed) == (2, 2, 1), again.summary()
+    assert live_keys(out) == ids[:4]
+
+    n = len(fake.asked)
+    same = render.run(cfg)  # nothing missing: nothing is asked for, the broken object is not retried
+    assert len(fake.asked) == n and (same.rendered, same.skipped, same.previously_failed) == (0, 4, 1)
+
+    fake.fail = set()
+    retried = render.run(cfg, retry_failed=True)  # --retry-failed: only the failed object
+    assert fake.asked[-1] == [ids[4]] and (retried.rendered, retried.skipped) == (1, 4), retried.summary()
+    assert live_keys(out) == ids
+
+
+def test_a_render_settings_change_re_renders_and_a_timeout_change_does_not(tmp_path, monkeypatch):
+    src, out = tmp_path / "objs", tmp_path / "out"
+    ids = [f"procedural-000{i}" for i in range(3)]
+    for i in range(3):
+        make_procedural_glb(i, 0, src)
+    fake = FakeRenderers(monkeypatch)
+    cfg = config(src, out, "source.kind=dir")
+    assert render.run(cfg).rendered == 3 and fake.asked == [ids]
+    render.run(config(src, out, "source.kind=dir", "render.blender.timeout_s=999", "render.blender.threads=1"))
+    assert fake.asked == [ids]  # not a pixel setting: nothing re-rendered
+    for change in ("render.blender.samples=7", "render.random.count=3", "render.cond.resolution=640"):
+        res = render.run(config(src, out, "source.kind=dir", change))
+        assert fake.asked[-1] == ids and res.rendered == 3, (change, res.summary())
+        assert live_keys(out) == ids  # the new renders supersede the old ones: each object once

@@ -315,9 +315,9 @@ def test_committed_state_after_crash_without_manifest(tmp_path):
     assert read_latest_manifest(str(out)) is None
     assert state["objects"] == {"a": "h-0", "b": "h-0", "c": "h-0"}
     assert state["next_index"] == 4 and state["orphans"] == ["shard-000003.tar"]
-    # resume: only what is missing or changed gets rendered, into new shards
-    todo = [o for o, h in {"a": "h-0", "b": "h-1", "d": "h-0"}.items() if state["objects"].get(o) != h]
-    assert todo == ["b", "d"]
+    # what the render stage makes of this state (only the missing or changed objects are rendered) is
+    # tested through pipelines.render.run in tests/unit/test_render_stage.py; here: a re-render goes
+    # into a new shard after the orphan, and the state follows it
     write_objects(out, ["b"], per_shard=2, start=state["next_index"], seed=1)
     state2 = committed_state(str(out))
     assert state2["objects"]["b"] == "h-1" and state2["location"]["b"] == "shard-000004.tar"
