@@ -32,8 +32,10 @@ Evaluation (rank 0, held-out objects)
     The same condition latents and noise every time: teacher samples (``eval_teacher_steps`` DDIM
     steps, CFG ``teacher_cfg``; the teacher is frozen, so they are computed once) and the
     generator's one-step output; metrics ``psnr_generator_gt`` / ``psnr_generator_teacher`` /
-    ``psnr_teacher_gt`` (the 6-view grid vs the ground-truth renders and vs the teacher's samples)
-    and ``lpips_*`` when LPIPS weights load (otherwise those metrics are absent: "unavailable", never
+    ``psnr_teacher_gt`` (the 6-view grid vs the ground-truth renders and vs the teacher's samples),
+    ``ssim_generator_teacher``, ``psnr_generator_teacher_paired_gain`` (with 2+ objects: PSNR to the
+    object's own teacher sample minus the mean PSNR to the other objects' - a blurry mean or one
+    image for every input scores about 0), ``loss_fake`` (below) and ``lpips_*`` when LPIPS weights load (otherwise those metrics are absent: "unavailable", never
     a stand-in); image ``samples``: one row per object, input | teacher | generator | ground truth.
 
 Export (rank 0, at the end)
@@ -63,6 +65,8 @@ from torch import nn
 from geco import storage
 from geco.data.schema import decode_sample
 from geco.images import labeled_grid, to_uint8
+from geco.metrics import psnr as psnr_each
+from geco.metrics import ssim as ssim_each
 from geco.train.loop import (
     EvalResult,
     GradientStep,
@@ -549,7 +553,13 @@ class VSDTask(TrainTask):
                 gen_model.unet.to("cpu")
         gt = batch["grid"]
         metrics = {"psnr_generator_gt": psnr(gen_images, gt), "psnr_generator_teacher": psnr(gen_images, teacher_images),
-                   "psnr_teacher_gt": psnr(teacher_images, gt), "loss_fake": loss_fake}
+                   "psnr_teacher_gt": psnr(teacher_images, gt), "loss_fake": loss_fake,
+                   "ssim_generator_teacher": float(ssim_each(gen_images, teacher_images).mean())}
+        if b >= 2:  # closer to its own object's teacher sample than to the others' (a blur or one image for all: ~0)
+            pairs = psnr_each(gen_images[:, None].expand(b, *gen_images.shape),
+                              teacher_images[None].expand(b, *teacher_images.shape))  # [generator i, teacher j]
+            own = pairs.diagonal()
+            metrics["psnr_generator_teacher_paired_gain"] = float((own - (pairs.sum(1) - own) / (b - 1)).mean())
         lp = self._lpips()
         if lp is not None and lp.available:
             metrics["lpips_generator_gt"] = float(lp(gen_images, gt).mean())
