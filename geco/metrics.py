@@ -57,6 +57,19 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return s.flatten(1).mean(1).to(pred.dtype).reshape(lead)
 
 
+def paired_psnr_margin(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image ``i`` of a batch (``[B, C, H, W]``, B >= 2): PSNR(pred_i, target_i) minus the highest
+    PSNR(pred_i, target_j) over the other targets ``j`` (dB). Above 0: closer to its own target than to
+    any other; a blurry mean, a constant colour or one image for every input scores about 0 or below."""
+    b = pred.shape[0]
+    if b < 2:
+        raise ValueError(f"a paired margin needs 2 or more images, got {b}")
+    pairs = psnr(pred[:, None].expand(b, *pred.shape), target[None].expand(b, *target.shape))  # [pred i, target j]
+    own = pairs.diagonal()
+    others = pairs.masked_fill(torch.eye(b, dtype=torch.bool, device=pairs.device), float("-inf"))
+    return own - others.max(dim=1).values
+
+
 def mean_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     """The mean of the per-image PSNRs (dB), as a float."""
     return float(psnr(pred, target).mean())
@@ -71,4 +84,4 @@ def _pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch
     return pred, target.detach().to(pred.device, torch.float32)
 
 
-__all__ = ["psnr", "ssim", "mean_psnr", "SSIM_WINDOW", "SSIM_SIGMA"]
+__all__ = ["psnr", "ssim", "mean_psnr", "paired_psnr_margin", "SSIM_WINDOW", "SSIM_SIGMA"]

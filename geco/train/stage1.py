@@ -33,9 +33,9 @@ Evaluation (rank 0, held-out objects)
     steps, CFG ``teacher_cfg``; the teacher is frozen, so they are computed once) and the
     generator's one-step output; metrics ``psnr_generator_gt`` / ``psnr_generator_teacher`` /
     ``psnr_teacher_gt`` (the 6-view grid vs the ground-truth renders and vs the teacher's samples),
-    ``ssim_generator_teacher``, ``psnr_generator_teacher_paired_gain`` (with 2+ objects: PSNR to the
-    object's own teacher sample minus the mean PSNR to the other objects' - a blurry mean or one
-    image for every input scores about 0), ``loss_fake`` (below) and ``lpips_*`` when LPIPS weights load (otherwise those metrics are absent: "unavailable", never
+    ``ssim_generator_teacher``, ``psnr_generator_teacher_paired`` (with 2+ objects, the mean of
+    :func:`geco.metrics.paired_psnr_margin`: PSNR to the object's own teacher sample minus that to the
+    closest other object's - a blurry mean or one image for every input scores about 0), ``loss_fake`` (below) and ``lpips_*`` when LPIPS weights load (otherwise those metrics are absent: "unavailable", never
     a stand-in); image ``samples``: one row per object, input | teacher | generator | ground truth.
 
 Export (rank 0, at the end)
@@ -65,7 +65,7 @@ from torch import nn
 from geco import storage
 from geco.data.schema import decode_sample
 from geco.images import labeled_grid, to_uint8
-from geco.metrics import psnr as psnr_each
+from geco.metrics import paired_psnr_margin
 from geco.metrics import ssim as ssim_each
 from geco.train.loop import (
     EvalResult,
@@ -556,10 +556,7 @@ class VSDTask(TrainTask):
                    "psnr_teacher_gt": psnr(teacher_images, gt), "loss_fake": loss_fake,
                    "ssim_generator_teacher": float(ssim_each(gen_images, teacher_images).mean())}
         if b >= 2:  # closer to its own object's teacher sample than to the others' (a blur or one image for all: ~0)
-            pairs = psnr_each(gen_images[:, None].expand(b, *gen_images.shape),
-                              teacher_images[None].expand(b, *teacher_images.shape))  # [generator i, teacher j]
-            own = pairs.diagonal()
-            metrics["psnr_generator_teacher_paired_gain"] = float((own - (pairs.sum(1) - own) / (b - 1)).mean())
+            metrics["psnr_generator_teacher_paired"] = float(paired_psnr_margin(gen_images, teacher_images).mean())
         lp = self._lpips()
         if lp is not None and lp.available:
             metrics["lpips_generator_gt"] = float(lp(gen_images, gt).mean())

@@ -44,3 +44,20 @@ def test_ssim_orders_degradations_and_keeps_leading_dims():
     assert torch.allclose(ssim(a, a), torch.ones(6), atol=1e-6)
     assert (ssim(mild, a) > ssim(strong, a)).all()
     assert ssim(mild.view(2, 3, 3, 24, 24), a.view(2, 3, 3, 24, 24)).shape == (2, 3)
+
+
+def test_paired_psnr_margin_rewards_matching_images_and_not_a_mean():
+    from geco.metrics import paired_psnr_margin
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.rand(3, 3, 8, 8, generator=g)
+    noisy = (targets + 0.05 * torch.randn(3, 3, 8, 8, generator=g)).clamp(0, 1)
+    margin = paired_psnr_margin(noisy, targets)
+    expected = [float(psnr(noisy[i], targets[i])) - max(float(psnr(noisy[i], targets[j])) for j in range(3) if j != i)
+                for i in range(3)]  # own minus the closest other
+    assert margin.shape == (3,) and bool((margin > 10).all())
+    assert margin.tolist() == pytest.approx(expected, abs=1e-4)
+    same = targets.mean(0, keepdim=True).expand(3, -1, -1, -1)  # one image for every input: no margin on average
+    assert float(paired_psnr_margin(same, targets).min()) <= 0.0
+    with pytest.raises(ValueError, match="2 or more"):
+        paired_psnr_margin(targets[:1], targets[:1])
