@@ -169,8 +169,8 @@ def test_evaluate_grid_and_metrics_and_export_bundle(tmp_path):
     val = task.prepare(rows, training=False)
     assert val["grid"].shape == (2, 3, 48, 32)
     r0 = task.evaluate(val, 0)
-    assert set(r0.metrics) == {"psnr_generator_gt", "psnr_generator_teacher", "psnr_teacher_gt",
-                               "loss_fake"}  # LPIPS: no weights
+    assert set(r0.metrics) == {"psnr_generator_gt", "psnr_generator_teacher", "psnr_teacher_gt", "loss_fake",
+                               "ssim_generator_teacher", "psnr_generator_teacher_paired"}  # LPIPS: no weights
     assert task.evaluate(val, 0).metrics["loss_fake"] == r0.metrics["loss_fake"]  # fixed timesteps and noise
     img = r0.images["samples"]
     assert img.dtype == np.uint8 and img.shape[2] == 3 and img.shape[0] >= 2 * 48  # one row per object
