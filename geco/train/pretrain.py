@@ -11,8 +11,10 @@ The embedded default has no downloadable teacher or reconstructor, so the ``pret
     is trained jointly (MSE reconstruction of the grid in the VAE's input range + a small
     per-element KL that keeps the latents near unit variance; its scaling factor is set to
     ``vae_scaling_factor``). Evaluation on held-out objects: PSNR of few-step DDIM samples vs
-    the ground-truth grid, PSNR of the VAE's reconstruction, and the diffusion loss at fixed
-    timesteps and noise. Export: the Zero123++ folder layout (:func:`save_teacher`).
+    the ground-truth grid (and ``psnr_sample_paired_min``, :func:`geco.metrics.paired_psnr_margin`:
+    above 0 when every sample is closer to its own object than to any other), PSNR of the VAE's
+    reconstruction, and the diffusion loss at fixed timesteps and noise (in the VAE's latent space
+    of the moment: with the VAE training, not comparable across steps). Export: the Zero123++ folder layout (:func:`save_teacher`).
 :class:`ReconstructorPretrainTask`
     LGM-style: the 6 ground-truth Zero123++ views in (composited on the reconstructor's
     background, with the cameras the reconstructor is told at inference,
@@ -20,7 +22,8 @@ The embedded default has no downloadable teacher or reconstructor, so the ``pret
     from the object's random views (and the 6 input views) and supervised with MSE on RGB and
     alpha, + LPIPS when its weights load (otherwise the term is off, with a warning).
     Evaluation: PSNR of renders vs ground truth at every view of held-out objects (also
-    separately at the random views, which the network never sees as input). Export: LGM's
+    separately at the random views, which the network never sees as input; ``psnr_paired_min`` as
+    for the teacher). Export: LGM's
     safetensors layout (:func:`save_reconstructor`).
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 from geco import storage
 from geco.data.schema import decode_sample
 from geco.images import grid, labeled_grid, to_uint8
+from geco.metrics import paired_psnr_margin
 from geco.train.loop import (
     EvalResult,
     GradientStep,
@@ -213,6 +217,8 @@ class TeacherPretrainTask(TrainTask):
             self._train_mode(True)
         metrics = {"psnr_sample": psnr(samples, batch["grid"]), "psnr_vae": psnr(recon, batch["grid"]),
                    "diffusion_loss": float(np.mean(losses))}
+        if samples.shape[0] >= 2:  # each sample closer to its own object than to any other: > 0
+            metrics["psnr_sample_paired_min"] = float(paired_psnr_margin(samples, batch["grid"]).min())
         rows = []
         for i in range(samples.shape[0]):
             cond = _resize(batch["cond"][i].cpu(), samples.shape[-1])
@@ -361,6 +367,8 @@ class ReconstructorPretrainTask(TrainTask):
             metrics["psnr_random_views"] = psnr(pred[rnd], gt[rnd])
         if (~rnd).any():
             metrics["psnr_zero123_views"] = psnr(pred[~rnd], gt[~rnd])
+        if pred.shape[0] >= 2:  # each object's renders closer to its own views than to any other's: > 0
+            metrics["psnr_paired_min"] = float(paired_psnr_margin(pred.flatten(1, 2), gt.flatten(1, 2)).min())
         if "lpips" in out:
             metrics["lpips"] = float(out["lpips"])
         # one row per object: its 6 input views as the 3 x 2 grid, then per supervision view the target

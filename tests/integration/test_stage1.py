@@ -144,14 +144,16 @@ def test_stage1_trains_tracks_and_exports_a_working_bundle(tmp_path, dataset, pr
     assert manifest["sources"]["reconstructor"] == str(pretrained / "reconstructor" / "model.safetensors")
 
 
-def test_killed_worker_resumes_and_rerun_continues(tmp_path, dataset, pretrained, monkeypatch, capsys):
+def test_killed_worker_resumes_exactly_and_rerun_continues(tmp_path, dataset, pretrained, monkeypatch, capsys):
+    """A DDP worker killed after step 3 is restarted from the step-2 checkpoint and loses nothing: the
+    final generator and fake score equal those of the same config run without the fault."""
     from cli.main import main
     from pipelines import stage1
 
     marker = tmp_path / "killed"
     monkeypatch.setenv(faults.ENV, f"kill-at-step:3:{marker}:1")  # rank 1, right after step 3
-    cfg = tiny_config(tmp_path, dataset, pretrained, ["tracking.enabled=false"],
-                      *_job(steps=4, num_workers=2, batch_size=1, eval_every=0, max_failures=2))
+    job = _job(steps=4, num_workers=2, batch_size=1, eval_every=0, max_failures=2)
+    cfg = tiny_config(tmp_path, dataset, pretrained, ["tracking.enabled=false"], *job)
     out = stage1.run(cfg)
     r = out.result
     assert marker.exists() and "rank 1 step 3" in marker.read_text()
@@ -159,6 +161,17 @@ def test_killed_worker_resumes_and_rerun_continues(tmp_path, dataset, pretrained
     run_dir = Path(r.storage_path) / r.run_name
     assert {p.name for p in (run_dir / "checkpoint_00000004" / "rng").iterdir()} >= {"rank_0.json", "rank_1.json"}
     assert Path(out.bundle_uri, "geco.json").is_file()
+
+    monkeypatch.delenv(faults.ENV)
+    ref = stage1.run(tiny_config(tmp_path / "reference", dataset, pretrained, ["tracking.enabled=false"], *job))
+    assert (ref.result.step, ref.result.resumed_from) == (4, None)
+    ref_dir = Path(ref.result.storage_path) / ref.result.run_name
+    for part in ("generator", "fake_score"):
+        got = load_file(str(run_dir / "checkpoint_00000004" / "models" / f"{part}.safetensors"))
+        want = load_file(str(ref_dir / "checkpoint_00000004" / "models" / f"{part}.safetensors"))
+        assert set(got) == set(want), part
+        worst = max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+        assert worst <= 1e-6, f"{part}: the resumed run differs from the uninterrupted one by up to {worst}"
 
     # re-running with more steps (the CLI; one worker now) continues from the latest checkpoint
     conf = tmp_path / "stage1.yaml"
