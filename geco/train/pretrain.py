@@ -51,6 +51,7 @@ from geco.train.loop import (
     make_lr_scheduler,
     psnr,
 )
+from geco.train.stream import batch_generator
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,8 @@ class ReconstructorPretrainTask(TrainTask):
             pool = {k: torch.cat([_at_size(g, size)[k] for g in groups]) for k in ("rgb", "alpha", "K", "w2c")}
             is_random = torch.cat([torch.full((g["rgb"].shape[0],), g is not z) for g in groups])
             n = pool["rgb"].shape[0]
-            idx = torch.randperm(n)[: self.job.supervision_views] if training else torch.arange(n)
+            idx = (torch.randperm(n, generator=batch_generator())[: self.job.supervision_views] if training
+                   else torch.arange(n))  # batch_generator: the same views after a resume
             for k in ("rgb", "alpha", "K", "w2c"):
                 sup[k].append(pool[k][idx])
             sup["random"].append(is_random[idx])

@@ -272,7 +272,7 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path, dataset, monke
     info = json.loads(Path(r.storage_path, r.run_name, RESULT_FILE).read_text())
     assert info["step"] == 6 and info["exported"]["reconstructor"] == out.reconstructor_uri
     run_dir = Path(r.storage_path) / r.run_name
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")) == [
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint")) == [
         "checkpoint_00000004", "checkpoint_00000006"]  # keep-K holds; nothing half-written is left
     # both ranks' RNG states are in the (merged) checkpoint
     assert {p.name for p in (run_dir / "checkpoint_00000006" / "rng").iterdir()} >= {"rank_0.json", "rank_1.json"}

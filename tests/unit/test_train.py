@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -217,6 +218,37 @@ def test_prefetcher_hands_out_the_stream_in_order_and_records_the_consumed_posit
     a.close()
     b.close()
     assert (threading.get_ident() in threads) == (depth == 0)  # decoded off the training thread
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_random_choices_in_prepare_replay_after_a_resume_whatever_ran_ahead(depth):
+    """A task's ``prepare`` draws from ``batch_generator()``: a resumed loader draws for each step what
+    the uninterrupted one drew, though the prefetch thread had prepared steps past the checkpoint (with
+    the global RNG it would not: the RNG state a checkpoint records is then ahead of the data)."""
+    from geco.train.stream import Prefetcher, RowStream, batch_generator
+
+    rows = [{"__key__": f"k{i}"} for i in range(7)]
+
+    def prepare(batch):
+        return [r["__key__"] for r in batch], torch.randperm(1000, generator=batch_generator())[:3].tolist()
+
+    def loader(position):
+        stream = RowStream(_Shard(rows), position, seed=5, rank=0, buffer=4)
+        return Prefetcher(stream, prepare, batch_size=2, accumulation=2, depth=depth)
+
+    a = loader(DataPosition())
+    first = [a.next() for _ in range(2)]
+    time.sleep(0.2)  # let the prefetch thread run ahead of the "checkpoint"
+    pos = DataPosition(a.position.epoch, a.position.samples)
+    rest = [a.next() for _ in range(3)]
+    torch.manual_seed(123)  # a restored global RNG state plays no part
+    b = loader(pos)
+    assert [b.next() for _ in range(3)] == rest
+    draws = [d for step in first + rest for _, d in step]
+    assert len({tuple(d) for d in draws}) == len(draws)  # every micro-batch draws afresh
+    assert batch_generator() is None  # outside a prefetcher: the global RNG
+    a.close()
+    b.close()
 
 
 def test_prefetcher_raises_loader_errors_on_the_training_thread():
