@@ -245,8 +245,8 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path, dataset, monke
     then rank 0 dies inside the checkpoint report of step 4 (its files written, the report never
     received). Both times Ray Train restarts the group from the step-2 checkpoint, the last complete
     one. Recovery loses nothing: the final weights and every step's loss equal those of the same
-    config run without faults (replayed steps are logged again with the same values: MLflow keeps
-    each logging, so the history has a step once per attempt that reached it); keep-K holds."""
+    config run without faults (replayed steps are logged again, with the same values: MLflow keeps
+    each, so the history has a step once per attempt that logged it); keep-K holds."""
     import mlflow
     from safetensors.torch import load_file
 
@@ -287,7 +287,9 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path, dataset, monke
 
     history_faults, history_ref = losses("faults", out), losses("reference", ref)
     assert [s for s, _ in history_ref] == [1, 2, 3, 4, 5, 6]
-    # attempt 1 died after step 3 before logging it; attempt 2 logged 3 and 4; attempt 3 logged 3 to 6
-    assert [s for s, _ in history_faults] == [1, 2, 3, 3, 4, 4, 5, 6]
+    # rank 0 logs each step it finishes: step 3 by attempt 1 (as a rule: rank 1 died after the step, rank 0
+    # logs before the group is torn down), 3 and 4 by attempt 2, 3 to 6 by attempt 3
+    logged = [s for s, _ in history_faults]
+    assert sorted(set(logged)) == [1, 2, 3, 4, 5, 6] and logged.count(3) >= 2 and logged.count(4) == 2, logged
     reference = dict(history_ref)
     assert all(abs(v - reference[s]) <= 1e-6 for s, v in history_faults), (history_faults, history_ref)
