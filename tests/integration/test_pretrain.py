@@ -174,7 +174,6 @@ def test_pretrain_learns_and_tracks_everything(tmp_path, dataset, mlflow_server)
     # eval/psnr_sample_paired_min and eval/psnr_paired_min).
     assert report["reconstructor"][1] > max(base["reconstructor"].values()) + 0.5, (report, base)
     assert report["teacher"][1] > base["teacher"]["white"] + 2.5, (report, base)
-    assert min(paired.values()) > -2.0, paired  # not a collapse to one image for every object
     assert trained_loss < random_loss - 0.2, (trained_loss, random_loss)
 
     # the exported weights load with the model loaders
