@@ -38,3 +38,13 @@ lint: install
 
 clean:
 	rm -rf outputs mlruns.db mlruns mlartifacts .pytest_cache
+
+# The evaluation report's 3D viewer (geco/eval/viewer): `npm ci` of its pinned package-lock.json, then one
+# esbuild bundle (dist/geco-viewer.js) that geco.eval.report copies into each report. Needs Node.js >= 18 + npm.
+VIEWER := geco/eval/viewer
+install: $(VIEWER)/dist/geco-viewer.js
+.PHONY: viewer
+viewer: $(VIEWER)/dist/geco-viewer.js
+$(VIEWER)/dist/geco-viewer.js: $(VIEWER)/package.json $(VIEWER)/package-lock.json $(VIEWER)/src/viewer.js
+	@command -v npm >/dev/null || { echo "make: npm (Node.js >= 18) is needed to build the report's 3D viewer (e.g. apt-get install nodejs npm)"; exit 1; }
+	cd $(VIEWER) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && npm run --silent build

@@ -6,6 +6,7 @@
     geco models init-tiny DEST [--set k=v ...]                  # a tiny random checkpoint bundle
     geco train pretrain|stage1 --config configs/local.yaml [--set k=v ...]   # Ray Train (resumes)
     geco run --config configs/local.yaml [--set k=v ...] [--stages render,pretrain]  # the whole DAG
+    geco report RESULTS_DIR                                     # re-write an evaluation's report page
 
 The command line sits above both ``geco/`` (the library) and ``pipelines/`` (Ray). Stages that need
 Ray or torch are imported lazily so ``geco --help`` stays fast.
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_models_parser(sub)
     _add_train_parser(sub)
     _add_run_parser(sub)
+    _add_report_parser(sub)
     return ap
 
 
@@ -167,6 +169,22 @@ def _print_summary(summary: str) -> None:
         folder = ray_log_dir()
         if folder:
             print(f"  ray logs: {folder} ({DRIVER_LOG}; workers: worker-*.out|err)")
+
+
+def _add_report_parser(sub) -> None:
+    r = sub.add_parser("report", help="(re-)write an evaluation results folder's report page (RESULTS_DIR/report/"
+                                      "index.html + report.md) and print its path")
+    r.add_argument("results_dir", metavar="RESULTS_DIR", help="the folder the evaluation wrote (holds summary.json)")
+
+
+def _report_main(args) -> int:
+    from geco.eval.report import ReportError, write_report
+
+    try:
+        print(write_report(args.results_dir))
+        return 0
+    except ReportError as e:
+        return _fail(str(e))
 
 
 def _add_train_parser(sub) -> None:
@@ -380,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train_main(args)
     if args.command == "run":
         return _run_main(args)
+    if args.command == "report":
+        return _report_main(args)
     try:
         cfg = _load(args)
         if args.command == "config":
