@@ -480,6 +480,7 @@ def _html(summary: dict, a: _Assets, t1: Table, t2: Table, objects: Table, clean
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<link rel="icon" href="data:,">',  # no favicon request (a 404 on a static server)
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         f'<p id="leakage" class="banner {"clean" if clean else "leak"}" data-clean="{str(clean).lower()}">'
