@@ -191,16 +191,20 @@ def _view_sets(summary: dict) -> list[str]:
 
 
 def _leakage(summary: dict) -> tuple[bool, str]:
-    """(clean, what to say). Clean only when the check ran and said so."""
+    """(clean, what to say). Clean only when the check ran, said ``true`` and lists no leaked name or hash."""
     leak = summary.get("leakage")
     if not isinstance(leak, dict) or "clean" not in leak:
         return False, "The leakage check did not run: these numbers are NOT a verified clean evaluation."
     detail = str(leak.get("detail") or "").strip()
-    if leak["clean"] is True:
+    names, hashes = list(leak.get("names") or []), list(leak.get("hashes") or [])
+    if leak["clean"] is True and not names and not hashes:
         return True, "Leakage check: clean. No evaluation object is in the training data" + (
             f" ({detail})." if detail else ".")
+    found = "; ".join(part for part in (
+        f"names in the training data: {', '.join(map(str, names))}" if names else "",
+        f"{len(hashes)} content hash(es) in the training data" if hashes else "") if part)
     return False, ("LEAKING EVALUATION: evaluation objects are in the training data, so these numbers are NOT a "
-                   "clean evaluation." + (f" {detail}" if detail else ""))
+                   "clean evaluation." + "".join(f" {t}." for t in (found, detail.rstrip(".")) if t))
 
 
 def _label(model: str) -> str:

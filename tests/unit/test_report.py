@@ -155,6 +155,7 @@ def test_per_object_table_and_csv(results, fake_viewer):
     {"clean": False, "detail": "teapot is in the training manifest"},
     {"detail": "no clean field"},
     {"clean": "true"},  # only JSON true means clean
+    {"clean": True, "names": ["teapot"], "hashes": ["ab12"]},  # a check that contradicts itself is not clean
     None,  # the check did not run
 ])
 def test_a_leaking_or_unchecked_evaluation_is_never_shown_as_clean(tmp_path, fake_viewer, leakage):
@@ -174,6 +175,8 @@ def test_a_leaking_or_unchecked_evaluation_is_never_shown_as_clean(tmp_path, fak
     assert md.startswith("# [NOT CLEAN]") and "NOT a" in md and "Leakage check: clean" not in md
     if leakage and leakage.get("clean") is False:
         assert "LEAKING EVALUATION" in html and "teapot is in the training manifest" in html
+    if leakage and leakage.get("names"):
+        assert "names in the training data: teapot; 1 content hash(es) in the training data." in html
 
 
 def test_a_clean_evaluation_says_so(results, fake_viewer):
