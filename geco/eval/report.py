@@ -21,6 +21,8 @@ What the page shows:
   (or one whose check is missing) is marked in red at the top, in the title and in every table caption,
   never shown as clean;
 * metrics the evaluation could not compute (``null``) as "n/a" with the reason from ``unavailable``;
+* ``summary["notes"]`` when present (optional, a string or a list of strings, beyond CONTRACTS.md): how
+  the numbers are made, e.g. how Gaussians become depth maps and occupancy for CD and vIoU;
 * per object: the image grid (input | ground truth | each model), each model's turntable, the
   per-object table (from ``objects.csv``, also linked as CSV), the metric plot(s);
 * an interactive 3D viewer of every generated .ply, the GSO attribution (CC BY 4.0, Google LLC) and
@@ -501,7 +503,8 @@ def _html(summary: dict, a: _Assets, t1: Table, t2: Table, objects: Table, clean
         items = notes if isinstance(notes, list) else [notes]
         parts.append("<h3>How the numbers are made</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in items) + "</ul>")
     for src in a.plots:
-        parts.append(f'<figure><img class="grid" src="{_e(src)}" alt="metric plot"></figure>')
+        parts.append(f'<figure><img class="grid" src="{_e(src)}" alt="metric plot">'
+                     f"<figcaption>{_e(Path(src).stem)}</figcaption></figure>")
     parts += ["<h2>3D viewer</h2>", _viewer_section(summary, a),
               "<h2>Objects</h2>", _objects_section(summary, a),
               "<h2>Per-object metrics</h2>"]
@@ -544,6 +547,10 @@ def _markdown(summary: dict, a: _Assets, t1: Table, t2: Table, objects: Table, c
     unavailable = summary.get("unavailable") or {}
     if unavailable:
         lines += ["Unavailable metrics:", ""] + [f"- **{k}**: {v}" for k, v in unavailable.items()] + [""]
+    notes = summary.get("notes")
+    if notes:
+        lines += ["How the numbers are made:", ""] + [f"- {n}" for n in (notes if isinstance(notes, list) else [notes])]
+        lines.append("")
     lines += [f"![metric plot]({src})" for src in a.plots] + [""]
     lines += ["## Objects", ""]
     for obj in summary["objects"]:

@@ -201,6 +201,15 @@ def test_markdown_holds_the_same_tables(results, fake_viewer):
     assert "](images/alarm.png)" in md and "](objects.csv)" in md
 
 
+def test_notes_on_method_are_shown_in_both(results, fake_viewer):
+    s = _summary(results)
+    s["notes"] = ["Depth: the rendered Gaussians' expected z at 16 cameras, back-projected where alpha > 0.5."]
+    (results / "summary.json").write_text(json.dumps(s))
+    index = write_report(results)
+    assert "<li>Depth: the rendered Gaussians&#x27; expected z" in index.read_text()
+    assert "- Depth: the rendered Gaussians' expected z" in (index.parent / "report.md").read_text()
+
+
 def test_the_page_uses_only_files_in_its_folder(results, fake_viewer):
     index = write_report(results)
     out = index.parent
