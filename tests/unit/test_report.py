@@ -99,7 +99,7 @@ def test_table1_holds_our_numbers_beside_the_papers(results, fake_viewer):
     second_group = next(i for i, r in enumerate(rows) if r[0] == "group" and i > 0)
     paper = {r[0][0]: [c[0] for c in r[1:]] for r in rows[1:second_group]}
     assert len(paper) == len(report.PAPER_TABLE1)
-    assert paper["GECO (0.64 s with a mesh)"] == ["19.31", "0.825", "0.154", "0.0290", "0.599", "—", "0.34"]
+    assert paper["GECO (0.64 s with a mesh)"] == ["19.31", "0.825", "0.154", "0.029", "0.599", "—", "0.34"]
     assert paper["LGM"][0] == "18.11"
 
     for vs in VIEW_SETS:
@@ -176,7 +176,7 @@ def test_a_leaking_or_unchecked_evaluation_is_never_shown_as_clean(tmp_path, fak
     if leakage and leakage.get("clean") is False:
         assert "LEAKING EVALUATION" in html and "teapot is in the training manifest" in html
     if leakage and leakage.get("names"):
-        assert "names in the training data: teapot; 1 content hash(es) in the training data." in html
+        assert "Names in the training data: teapot; 1 content hash(es) in the training data." in html
 
 
 def test_a_clean_evaluation_says_so(results, fake_viewer):
@@ -188,7 +188,7 @@ def test_a_clean_evaluation_says_so(results, fake_viewer):
 def test_markdown_holds_the_same_tables(results, fake_viewer):
     summary = _summary(results)
     md = (write_report(results).parent / "report.md").read_text()
-    assert "| GECO (0.64 s with a mesh) | 19.31 | 0.825 | 0.154 | 0.0290 | 0.599 | — | 0.34 |" in md
+    assert "| GECO (0.64 s with a mesh) | 19.31 | 0.825 | 0.154 | 0.029 | 0.599 | — | 0.34 |" in md
     for vs in VIEW_SETS:
         block = md.split(f"({vs})* |")[1]
         for model in summary["models"]:
