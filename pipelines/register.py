@@ -153,16 +153,16 @@ def run(cfg: GecoConfig, inputs: RegisterInputs, *, parent_run_id: str | None = 
     candidate = version_by_alias(client, name, reg.candidate_alias)
     old_metrics = metrics_from_tags(existing.tags) if existing is not None else {}
     metrics = metrics or old_metrics  # registered again without an evaluation: keep what it had
-    if existing is not None and production is not None and production.version == existing.version:
+    if existing is not None and production is not None and str(production.version) == str(existing.version):
         decision = Decision(True, f"version {existing.version} is {reg.production_alias} already")
     else:
         decision = decide(metrics, metrics_from_tags(production.tags) if production is not None else None, reg,
-                          production.version if production is not None else None)
+                          str(production.version) if production is not None else None)
     if (existing is not None and metrics == old_metrics and candidate is not None
-            and candidate.version == existing.version
-            and (not decision.promote or (production is not None and production.version == existing.version))):
+            and str(candidate.version) == str(existing.version)
+            and (not decision.promote or (production is not None and str(production.version) == str(existing.version)))):
         log.info("register: bundle %s is version %s already, nothing changed", bundle.bundle_id, existing.version)
-        if production is not None and production.version == existing.version:
+        if production is not None and str(production.version) == str(existing.version):
             decision = Decision(True, f"version {existing.version} is {reg.production_alias} already")
         return _outputs(name, existing.version, client, decision, existing.source, metrics,
                         mlflow_run_ids={STAGE: existing.run_id} if existing.run_id else {},

@@ -6,7 +6,7 @@ import pytest
 
 from geco.config import ConfigError, RegistryConfig, load_config
 from geco.data import shards
-from geco.registry import clean_metrics, decide, metrics_from_tags, metric_tags, regressions
+from geco.registry import clean_metrics, decide, metric_tags, metrics_from_tags, regressions
 from geco.tracking import config_hash, git_state, lineage_tags, redact_uri
 
 PROD = {"gso/zero123/psnr": 20.0, "gso/zero123/lpips": 0.20, "gso/orbit/cd": 0.050, "gso/orbit/fscore": 0.60,
@@ -106,3 +106,37 @@ def test_lineage_tags_name_code_config_data_and_inputs(tmp_path):
     tags = lineage_tags(cfg, inputs={"teacher": "https://user:hunter2@host/teacher"})
     assert tags["geco.input.teacher"] == "https://host/teacher"
     assert redact_uri("s3://bucket/key@v1") == "s3://bucket/key@v1"
+
+
+def test_dag_registers_the_final_bundle_with_evaluates_metrics_for_it(tmp_path):
+    from types import SimpleNamespace
+
+    from geco.models.bundle import init_tiny_bundle
+    from pipelines import dag
+    from pipelines.stage1 import Stage1Outputs
+
+    cfg = load_config(None, [f"stage1.output_uri={tmp_path / 'stage1'}"])
+    s1 = Stage1Outputs(uris={"bundle": "/b/stage1"}, mlflow_run_ids={"stage1": "r1"})
+    s2 = SimpleNamespace(bundle_uri="/b/stage2", mlflow_run_id="r2")  # stage 2's outputs (its own helper's class)
+    ev = SimpleNamespace(metrics={"stage1": {"gso/orbit/psnr": 10.0}, "stage2": {"gso/orbit/psnr": 12.0}},
+                         mlflow_run_id="e1")
+
+    def ctx(**outputs):
+        return dag.DagContext(cfg=cfg, parent_run_id="p", stages=list(dag.STAGES), outputs=outputs)
+
+    got = dag.register_inputs(ctx(stage1=s1, stage2=s2, evaluate=ev))
+    assert (got.bundle_uri, got.metrics, got.evaluate_run_id) == ("/b/stage2", {"gso/orbit/psnr": 12.0}, "e1")
+    assert got.lineage["bundle_run_id"] == "r2" and got.lineage["stage1_run_id"] == "r1"
+    assert got.lineage["dag_run_id"] == "p" and got.lineage["bundle_stage"] == "stage2"
+    got = dag.register_inputs(ctx(stage1=s1))  # no stage 2, no evaluation: stage 1's bundle, no metrics
+    assert (got.bundle_uri, got.metrics, got.evaluate_run_id) == ("/b/stage1", {}, None)
+    with pytest.raises(ConfigError, match="no bundle to register"):  # `--stages register` with nothing trained
+        dag.register_inputs(ctx())
+    init_tiny_bundle(tmp_path / "stage1" / "bundle")
+    assert dag.register_inputs(ctx()).bundle_uri == str(tmp_path / "stage1" / "bundle")
+    assert dag.STAGES[-1] == "register" and dag.parse_stages("register,stage1") == ["stage1", "register"]
+    # the registry lives in MLflow: refused before any stage runs when tracking is off
+    off = load_config(None, ["tracking.enabled=false", f"dataset.uri={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="tracking.enabled is false"):
+        dag.run(off, stages="render,register")
+    assert not (tmp_path / "none").exists()
