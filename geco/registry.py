@@ -10,9 +10,13 @@ A GECO checkpoint bundle (:mod:`geco.models.bundle`) becomes a version of regist
   version's source is then ``models:/<model_id>``.
 * **metrics**: the GSO metrics (``gso/<view set>/<metric>``) as version tags (the registry's own
   record: they are what the promotion rule reads, on a sqlite store or a server alike), logged on
-  the version's run (the `register` stage's run) and attached to its LoggedModel
-  (``log_metrics(..., model_id=...)``: MLflow 3 shows them on the model's page). The OSS registry does
-  not store a version's ``model_id``, so the tags are the one place every store keeps.
+  the `register` stage's run (tag ``geco.register_run_id``) and attached to a LoggedModel made for
+  the version (``log_metrics(..., model_id=...)``: MLflow 3 shows them on the model's page; tag
+  ``geco.logged_model_id``). The OSS registry does not store a version's ``model_id``, so the tags
+  are the one place every store keeps.
+* **run**: an MLflow server checks that a version's ``run_id`` / ``model_id`` name what holds its
+  source: a version registered from ``runs:/`` belongs to that (training) run; a copied one to the
+  register run and its LoggedModel.
 * **tags**: ``geco.bundle_id`` (the bundle's id from its ``geco.json``: the same bundle registered
   again finds its version instead of making a new one), the bundle's original URI, lineage.
 

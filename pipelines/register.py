@@ -122,6 +122,11 @@ def locate_bundle(client, bundle_uri: str, *, bundle_run_id: str | None, trackin
     return _Bundle(root, bundle_id, None)
 
 
+def _source_run(runs_uri: str) -> str:
+    """``runs:/<run_id>/<path>`` -> ``<run_id>``."""
+    return runs_uri[len("runs:/"):].split("/", 1)[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +194,11 @@ def run(cfg: GecoConfig, inputs: RegisterInputs, *, parent_run_id: str | None = 
                 source = f"models:/{model.model_id}"
             client.finalize_logged_model(model.model_id, "READY")
             tags[LOGGED_MODEL_TAG] = model.model_id
-            version = create_version(client, name, source, run_id=run_id, tags=tags, model_id=model.model_id,
+            # a server checks that run_id / model_id name what holds the source: the training run that
+            # logged the bundle, or the LoggedModel holding the copy (then the version's run is this one)
+            copied = bundle.source is None
+            version = create_version(client, name, source, run_id=run_id if copied else _source_run(source),
+                                     tags=tags, model_id=model.model_id if copied else None,
                                      description=f"GECO bundle {bundle.bundle_id} from {redact_uri(inputs.bundle_uri)}")
             number, model_id = version.version, model.model_id
         else:  # the same bundle again (e.g. evaluated anew): its version, updated

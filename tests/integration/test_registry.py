@@ -104,6 +104,8 @@ def test_register_aliases_metrics_regression_and_generate_from_production(bundle
     print(r2.summary())
     assert (r2.version, r2.aliases, r2.promoted) == ("2", ["candidate"], False)
     assert r2.source == f"runs:/{tracker.run_id}/weights/bundle"
+    v2 = client.get_model_version("geco", "2")  # its run: the one holding the files; the register run in a tag
+    assert v2.run_id == tracker.run_id and v2.tags["geco.register_run_id"] == r2.mlflow_run_id
     assert "gso/zero123/psnr 15 < 18" in r2.why and "production stays" in r2.why
     assert client.get_run(r2.mlflow_run_id).data.tags["geco.registry.why"] == r2.why
     assert str(client.get_model_version_by_alias("geco", "production").version) == "1"
@@ -164,7 +166,7 @@ def test_default_store_is_the_projects(bundles, image, tmp_path, monkeypatch):
 
 @pytest.mark.s3
 @pytest.mark.slow
-def test_server_with_s3_artifacts_keeps_no_secret(image, s3_bucket, tmp_path, monkeypatch):
+def test_server_with_s3_artifacts_keeps_no_secret(bundles, image, s3_bucket, tmp_path, monkeypatch):
     """A real `mlflow server` storing artifacts in S3; the bundle comes from S3 too. With the AWS
     credentials in the environment, none of them (nor the names of secret variables: no environment
     dumps) is found in any param, tag, metric name or artifact."""
@@ -183,10 +185,17 @@ def test_server_with_s3_artifacts_keeps_no_secret(image, s3_bucket, tmp_path, mo
         assert out.promoted and out.source.startswith("models:/m-")
         stored = storage.listdir(storage.join(s3_bucket, "mlartifacts"))
         assert any(f.endswith("/geco.json") for f in stored), stored[:5]  # the registered copy is in S3
+        # a bundle a training run logged: registered from the run (a server checks that source)
+        with start_run(cfg.tracking, "reg-test/stage1") as tracker:
+            tracker.log_artifacts(bundles["b"], "weights/bundle")
+        logged = register.run(cfg, RegisterInputs(str(bundles["b"]), metrics=WORSE,
+                                                  lineage={"bundle_run_id": tracker.run_id}))
+        assert logged.source == f"runs:/{tracker.run_id}/weights/bundle" and not logged.promoted
         gen = tmp_path / "gen"
-        assert main(["generate", str(image), "--checkpoint", "models:/geco@production", "-o", str(gen),
-                     "--tracking-uri", server.uri, *FAST]) == 0
-        assert (gen / "object.ply").is_file()
+        for checkpoint in ("models:/geco@production", "models:/geco@candidate"):
+            assert main(["generate", str(image), "--checkpoint", checkpoint, "-o", str(gen),
+                         "--tracking-uri", server.uri, *FAST]) == 0
+            assert (gen / "object.ply").is_file()
         needles = [SECRET_KEY, canary, "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "GECO_TEST_API_TOKEN"]
         assert mlflow_secrets(server.uri, needles, tmp_path / "scan") == []
         # the scan does find one where it is: a tag and an artifact holding the canary
