@@ -7,6 +7,7 @@
     geco train pretrain|stage1 --config configs/local.yaml [--set k=v ...]   # Ray Train (resumes)
     geco run --config configs/local.yaml [--set k=v ...] [--stages render,pretrain]  # the whole DAG
     geco report RESULTS_DIR                                     # re-write an evaluation's report page
+    geco register BUNDLE_URI [--metrics FILE.json [--model NAME]] --config ...  # a model version + aliases
 
 The command line sits above both ``geco/`` (the library) and ``pipelines/`` (Ray). Stages that need
 Ray or torch are imported lazily so ``geco --help`` stays fast.
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_run_parser(sub)
     _add_report_parser(sub)
+    _add_register_parser(sub)
     return ap
 
 
@@ -89,6 +91,66 @@ def _run_main(args) -> int:
         return code
 
 
+def _add_register_parser(sub) -> None:
+    r = sub.add_parser("register", help="register a GECO bundle in the MLflow model registry with its GSO metrics; "
+                                        "alias candidate, and production unless the metrics regress")
+    _add_config_args(r)
+    r.add_argument("bundle", metavar="BUNDLE_URI", help="GECO checkpoint: local folder, s3:// prefix, runs:/<id>/<path>")
+    r.add_argument("--metrics", metavar="FILE", help="JSON: {\"gso/<view set>/<metric>\": value, ...}, or an evaluation "
+                                                      "summary.json ({\"metrics\": {model: {...}}}, pick one with --model)")
+    r.add_argument("--model", metavar="NAME", help="which model's metrics to take from a summary.json")
+    r.add_argument("--evaluate-run", metavar="RUN_ID", help="the MLflow run the metrics come from (recorded on the version)")
+
+
+def _read_metrics(path: str | None, model: str | None) -> dict:
+    """The metrics a ``--metrics`` file gives (flat, or one model's in an evaluation summary)."""
+    import json
+    from pathlib import Path
+
+    from geco.registry import RegistryError
+
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise RegistryError(f"--metrics {path}: cannot read it as JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+        models = data["metrics"]
+        if model is None and len(models) == 1:
+            model = next(iter(models))
+        if model not in models:
+            raise RegistryError(f"--metrics {path}: an evaluation summary with models {', '.join(sorted(models))}; "
+                                "choose one with --model NAME")
+        data = models[model]
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise RegistryError(f"--metrics {path}: expected a JSON object of metric name -> number")
+    bad = [k for k, v in data.items() if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+    if bad:
+        raise RegistryError(f"--metrics {path}: not a number: {', '.join(bad[:5])} (null means unavailable)")
+    return data
+
+
+def _register_main(args) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        metrics = _read_metrics(args.metrics, args.model)
+        from pipelines import register
+        from pipelines.stage import RegisterInputs
+
+        result = register.run(cfg, RegisterInputs(bundle_uri=args.bundle, metrics=metrics,
+                                                  evaluate_run_id=args.evaluate_run))
+        print(result.summary())
+        return 0
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except Exception as e:  # one line for errors users cause; tracebacks for bugs
+        code = _report_failure(e, str(e), "register")
+        if code is None:
+            raise
+        return code
+
+
 def _fail(message: str) -> int:
     """Say why on one line of stderr (a YAML parser's or a library's message may span several) -> 2."""
     print("geco: " + " ".join(str(message).split()), file=sys.stderr)
@@ -101,6 +163,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # and `geco --help` / `geco config` must not wait for it
     from geco.generate import GenerateError
     from geco.models.bundle import CheckpointError
+    from geco.registry import RegistryError
     from geco.sources import SourceError
     from geco.storage import StorageError
     from geco.weights import WeightsImportError
@@ -109,7 +172,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.training import TrainSetupError
 
     return (ConfigError, StorageError, FileNotFoundError, FileExistsError, SourceError, TrainSetupError,
-            RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError)
+            RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError, RegistryError)
 
 
 def _training_failed(err: BaseException, stage: str) -> str | None:
@@ -247,7 +310,8 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--turntable-frames", type=int, default=24, help="GIF frames (0: no GIF)")
     g.add_argument("--turntable-size", type=int, default=256, help="GIF side in pixels")
-    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ checkpoints")
+    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ checkpoints "
+                   "(default: $MLFLOW_TRACKING_URI, else the project's sqlite:///mlruns.db)")
 
 
 def _generate_main(args) -> int:
@@ -400,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_main(args)
     if args.command == "report":
         return _report_main(args)
+    if args.command == "register":
+        return _register_main(args)
     try:
         cfg = _load(args)
         if args.command == "config":

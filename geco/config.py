@@ -477,6 +477,37 @@ class Stage1Config(_Strict):
         return self
 
 
+# --------------------------------------------------------------------------------------------
+# Model registry (the `register` stage): MLflow model versions, aliases, promotion rule
+# --------------------------------------------------------------------------------------------
+# GSO metrics where higher is better; every other gso/<view set>/<metric> is lower-is-better
+HIGHER_IS_BETTER = ("psnr", "ssim", "viou", "fscore")
+
+
+class RegistryConfig(_Strict):
+    """The `register` stage: the final bundle becomes a version of registered model `model_name` with
+    its GSO metrics, alias `candidate_alias`; `production_alias` moves to it only when no gated metric
+    regresses beyond `tolerance` against the current production version (or when there is none)."""
+
+    model_name: str = "geco"  # `geco generate --checkpoint models:/<model_name>@production`
+    candidate_alias: str = "candidate"  # always points at the newest registered version
+    production_alias: str = "production"  # moved only when the promotion rule allows it
+    # if_no_regression: the rule above; always: move it regardless; never: only the candidate alias
+    promote: Literal["if_no_regression", "always", "never"] = "if_no_regression"
+    # relative tolerance: a gated metric regresses when it is worse than production's by more than
+    # tolerance x |production's value| (higher-is-better: psnr, ssim, viou, fscore; the rest lower)
+    tolerance: float = Field(0.02, ge=0)
+    # the metric names (gso/<view set>/<name>) the rule compares; timings are left out (machines differ)
+    gate_metrics: list[str] = ["psnr", "ssim", "lpips", "cd", "viou", "fscore"]
+
+    @field_validator("model_name", "candidate_alias", "production_alias")
+    @classmethod
+    def _registry_name_ok(cls, v: str) -> str:
+        if not v or any(c in v for c in "/@: "):
+            raise ValueError("must be non-empty with no '/', '@', ':' or spaces")
+        return v
+
+
 class GecoConfig(_Strict):
     """The whole DAG in one flat config; each stage reads the sections it needs."""
 
@@ -491,6 +522,7 @@ class GecoConfig(_Strict):
     models: ModelsConfig = ModelsConfig()
     pretrain: PretrainConfig = PretrainConfig()  # train teacher/reconstructor where no weights are given
     stage1: Stage1Config = Stage1Config()  # VSD distillation of the one-step generator
+    registry: RegistryConfig = RegistryConfig()  # the `register` stage: model versions + aliases
 
     @field_validator("name")
     @classmethod

@@ -44,7 +44,7 @@ from geco.config import GecoConfig, RenderConfig
 from geco.data import schema, shards
 from geco.data.cache import ObjectCache
 from geco.sources import ObjectRef, SourceError, SourceListing, UnsafePath, list_objects, source_list_hash
-from geco.tracking import image_grid, start_run
+from geco.tracking import image_grid, lineage_tags, start_run
 from pipelines.cluster import init_ray
 
 FAULT_ENV = "GECO_RENDER_FAULT"  # test-only fault injection, forwarded to the render actors
@@ -296,7 +296,7 @@ def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
     abort: str | None = None
 
     with start_run(cfg.tracking, run_name=f"{cfg.name}/render", parent_run_id=parent_run_id,
-                   tags={"geco.stage": "render"}) as tracker:
+                   tags={"geco.stage": "render", **lineage_tags(cfg, dataset_uri=out_uri)}) as tracker:
         tracker.log_params({"source": cfg.source.model_dump(mode="json"), "render": cfg.render.model_dump(mode="json"),
                             "dataset": cfg.dataset.model_dump(mode="json"), "ray": cfg.ray.model_dump(mode="json"),
                             "limits": cfg.limits.model_dump(mode="json"), "force": force,

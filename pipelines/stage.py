@@ -43,6 +43,20 @@ class Stage1Inputs:
         return {"teacher": self.teacher_uri, "reconstructor": self.reconstructor_uri}
 
 
+@dataclass(frozen=True)
+class RegisterInputs:
+    """The register stage makes the bundle at ``bundle_uri`` (a folder, s3:// prefix, ``runs:/`` or
+    ``models:/`` URI) a version of the registered model with its GSO ``metrics``
+    (``gso/<view set>/<metric>`` -> value; ``{}`` when nothing was evaluated). ``evaluate_run_id``:
+    the evaluation run those metrics come from; ``lineage``: URIs and run ids to record beside them
+    (``bundle_run_id``: the run that logged the bundle at ``weights/bundle``, registered from there)."""
+
+    bundle_uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    evaluate_run_id: str | None = None
+    lineage: dict[str, str] = field(default_factory=dict)
+
+
 # ---------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,19 @@
-"""The DAG end to end (`geco run`): render -> pretrain -> stage1 on a tiny config, real Blender,
-a local Ray and a real MLflow server.
+"""The DAG end to end (`geco run`): render -> pretrain -> stage1 -> register on a tiny config, real
+Blender, a local Ray and a real MLflow server.
 
 * one parent run `<name>/dag` with the stages as child runs (pretrain's per-model runs under
   pretrain's), per-stage seconds and a stage table on the parent, the final bundle URI as a tag;
   the bundle works with `geco generate`;
+* every run carries the lineage tags (git commit, config hash, manifest URI and hash, input URIs);
+  the final bundle is registered (candidate + production) and `geco generate --checkpoint
+  models:/geco@production` works; with AWS credentials in the environment, nothing secret is logged;
 * a second `geco run` does no work: render renders nothing, every training job is already complete;
 * an unknown stage name is refused (exit 2) before any work; a failing stage marks the parent run
   FAILED and the error names the stage.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -68,7 +72,7 @@ def stage_table(client, run, tmp_path: Path) -> dict[str, dict]:
 
 
 def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_local, mlflow_server, monkeypatch,
-                                                                 capsys):
+                                                                 capsys, s3_env):
     import mlflow
 
     from cli.main import main
@@ -90,8 +94,8 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     # the first run does everything
     first = dag.run(cfg)
     print(first.summary())
-    assert list(first.stages) == ["render", "pretrain", "stage1"]
-    assert first.did_work == {"render": True, "pretrain": True, "stage1": True}
+    assert list(first.stages) == ["render", "pretrain", "stage1", "register"]
+    assert first.did_work == {"render": True, "pretrain": True, "stage1": True, "register": True}
     assert first["render"].rendered == 8 and first["render"].failed == 0
     assert set(first["pretrain"].results) == {"teacher", "reconstructor"}
     assert all(r.step == 4 and not r.already_complete for r in first["pretrain"].results.values())
@@ -111,27 +115,61 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     assert parent.data.tags["geco.bundle_uri"] == first.bundle_uri
     assert {f"seconds/{s}" for s in dag.STAGES} | {"seconds"} <= set(parent.data.metrics)
     kids = children(client, parent)
-    assert set(kids) == {"render", "pretrain", "stage1"}
+    assert set(kids) == {"render", "pretrain", "stage1", "register"}
     assert all(r.info.status == "FINISHED" for r in kids.values())
     assert kids["render"].data.metrics["rendered"] == 8
     grandkids = children(client, kids["pretrain"])
     assert set(grandkids) == {"pretrain/teacher", "pretrain/reconstructor"}
     assert kids["stage1"].data.tags["geco.bundle_uri"] == first.bundle_uri
     table = stage_table(client, parent, tmp_path)
-    assert [table[s]["status"] for s in dag.STAGES] == ["done"] * 3
+    assert [table[s]["status"] for s in dag.STAGES] == ["done"] * len(dag.STAGES)
     assert json.loads(table["stage1"]["outputs"])["bundle"] == first.bundle_uri
     assert json.loads(table["pretrain"]["mlflow_runs"]) == {
         "pretrain": kids["pretrain"].info.run_id, "pretrain/teacher": grandkids["pretrain/teacher"].info.run_id,
         "pretrain/reconstructor": grandkids["pretrain/reconstructor"].info.run_id}
     assert json.loads(table["render"]["mlflow_runs"]) == {"render": kids["render"].info.run_id}
 
-    # the bundle works with `geco generate`
+    # lineage on every run: the same code and config; the data and input weights each run used
+    from geco.data import shards
+    from geco.tracking import config_hash, git_state
+
+    manifest = shards.manifest_uri(str(tmp_path / "shards"), shards.list_manifest_versions(str(tmp_path / "shards"))[-1])
+    digest = hashlib.sha256(Path(manifest).read_bytes()).hexdigest()
+    for run in [parent, *kids.values(), *grandkids.values()]:
+        tags = run.data.tags
+        assert (tags["geco.git.commit"], tags["geco.git.dirty"]) == git_state(), run.info.run_name
+        assert tags["geco.config_hash"] == config_hash(cfg), run.info.run_name
+    for run in (kids["pretrain"], kids["stage1"], *grandkids.values()):  # the manifest they trained on
+        assert (run.data.tags["geco.dataset.manifest_uri"], run.data.tags["geco.dataset.manifest_hash"]) == (manifest, digest)
+    assert kids["render"].data.tags["geco.dataset.manifest_uri"] == "none"  # the first render found none
+    assert kids["stage1"].data.tags["geco.input.teacher"] == s1.teacher_uri
+    assert kids["stage1"].data.tags["geco.input.reconstructor"] == s1.reconstructor_uri
+    assert kids["register"].data.tags["geco.input.bundle"] == first.bundle_uri
+
+    # the final bundle is registered from stage 1's logged copy: candidate and production (the first one)
+    reg = first["register"]
+    assert first.model_uri == reg.model_uri == "models:/geco/1" and reg.aliases == ["candidate", "production"]
+    assert reg.source == f"runs:/{kids['stage1'].info.run_id}/weights/bundle"
+    assert f"model:  {reg.model_uri}" in first.summary()
+    version = client.get_model_version("geco", "1")
+    assert version.tags["geco.lineage.dag_run_id"] == parent.info.run_id
+    assert version.tags["geco.lineage.bundle_run_id"] == kids["stage1"].info.run_id
+
+    # the bundle works with `geco generate`, from its folder and from the registry
     img = np.zeros((40, 40, 4), np.uint8)
     img[8:32, 10:30] = (200, 60, 30, 255)
     Image.fromarray(img).save(tmp_path / "object.png")
     assert main(["generate", str(tmp_path / "object.png"), "--checkpoint", first.bundle_uri, "-o",
                  str(tmp_path / "gen"), "--turntable-frames", "0", "--device", "cpu"]) == 0
     assert (tmp_path / "gen" / "object.ply").is_file()
+    assert main(["generate", str(tmp_path / "object.png"), "--checkpoint", "models:/geco@production", "-o",
+                 str(tmp_path / "gen-registered"), "--tracking-uri", mlflow_server.uri, "--turntable-frames", "0",
+                 "--device", "cpu"]) == 0
+    assert (tmp_path / "gen-registered" / "object.ply").is_file()
+    # AWS credentials were in the environment all along (s3_env): none of them was logged anywhere
+    from tests.services import SECRET_KEY, mlflow_secrets
+
+    assert mlflow_secrets(mlflow_server.uri, [SECRET_KEY, "AWS_SECRET_ACCESS_KEY"], tmp_path / "scan") == []
 
     # a second `geco run` does no work
     capsys.readouterr()
@@ -139,6 +177,7 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     printed = capsys.readouterr().out
     assert "render: 0 rendered, 8 skipped" in printed, printed
     assert printed.count("already complete") >= 3, printed  # teacher, reconstructor, stage1
+    assert "register: nothing to do; models:/geco/1" in printed, printed
     second = client.get_run(runs_named(client, "dag-test/dag")[-1].info.run_id)
     assert second.info.run_id != parent.info.run_id and second.info.status == "FINISHED"
     assert {s: second.data.metrics[f"did_work/{s}"] for s in dag.STAGES} == dict.fromkeys(dag.STAGES, 0.0)
