@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test test-fast bench gpu-wheels lint clean
+.PHONY: install demo test test-fast bench gpu-wheels lint clean stack
 
 install: $(VENV)/.installed
 
@@ -38,3 +38,6 @@ lint: install
 
 clean:
 	rm -rf outputs mlruns.db mlruns mlartifacts .pytest_cache
+
+stack: install  # S3 (SeaweedFS) + MLflow on 127.0.0.1 for development, the servers the tests use; Ctrl-C stops them
+	$(PY) -m infra.stack $(if $(RAY),--ray)
