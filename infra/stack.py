@@ -89,6 +89,7 @@ class SeaweedS3:
         self.data_dir = Path(data_dir)
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
+        self.ports: dict[str, int] = {}  # chosen at the first start; a restart (stop, start) keeps them
 
     def env(self) -> dict[str, str]:
         """Environment a client needs (standard AWS variables; nothing in YAML)."""
@@ -98,7 +99,7 @@ class SeaweedS3:
 
     def start(self) -> "SeaweedS3":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        ports = {flag: free_port() for flag in self._PORT_FLAGS}
+        ports = self.ports = self.ports or {flag: free_port() for flag in self._PORT_FLAGS}
         args = [_bin("weed"), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-webdav=false", "-admin.ui=false", "-metricsPort=0"] + [f"-{k}={v}" for k, v in ports.items()]
         log = self.data_dir / "weed.log"
