@@ -197,6 +197,12 @@ class Lease:
             storage.delete(self.uri)
             return True
 
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` if the background renewal found the lease taken over: call it
+        before each commit (a new manifest version, an alias move) of a long run."""
+        if self.lost is not None:
+            raise self.lost
+
     def __enter__(self) -> LeaseInfo:
         info = self.acquire()
         self._stop.clear()

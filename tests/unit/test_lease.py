@@ -104,4 +104,21 @@ def test_with_block_renews_in_the_background_and_releases(dataset):
         with pytest.raises(LeaseHeld):
             Lease(uri, ttl_s=0.6, holder="overlapping").acquire()
     assert lease.lost is None
+    lease.check()  # still ours to the end
     assert Lease(uri).read() is None
+
+
+def test_a_run_whose_lease_was_taken_over_finds_out_before_it_commits(dataset):
+    uri = lease_uri(dataset)
+    clock = Clock()
+    slow = Lease(uri, ttl_s=10, holder="slow", clock=clock)
+    with slow:
+        clock.t += 11  # it missed its renewals: expired
+        Lease(uri, ttl_s=10, holder="next", clock=clock).acquire()
+        slow.ttl_s = 0.3  # the next background renewal comes at once
+        deadline = time.monotonic() + 10
+        while slow.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(LeaseLost, match="now held by next"):
+            slow.check()
+    assert Lease(uri).read().holder == "next"  # leaving the block did not remove the new holder's lease
