@@ -55,6 +55,20 @@ def _wait(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 
     raise RuntimeError(f"{what} not ready after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
+def _wait_ports_free(ports, timeout: float = 60.0) -> None:
+    """Until every port can be listened on again on 127.0.0.1 (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    pending = list(ports)
+    while pending and time.monotonic() < deadline:
+        try:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", pending[0]))
+            pending.pop(0)
+        except OSError:
+            time.sleep(0.2)
+
+
 def _stop(proc: subprocess.Popen | None) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -99,6 +113,8 @@ class SeaweedS3:
 
     def start(self) -> "SeaweedS3":
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.ports:  # a restart: the stopped server's sockets may take a moment to close
+            _wait_ports_free(self.ports.values())
         ports = self.ports = self.ports or {flag: free_port() for flag in self._PORT_FLAGS}
         args = [_bin("weed"), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-webdav=false", "-admin.ui=false", "-metricsPort=0"] + [f"-{k}={v}" for k, v in ports.items()]
