@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test test-fast bench gpu-wheels lint clean
+.PHONY: install demo test test-fast bench gpu-wheels lint clean stack
 
 install: $(VENV)/.installed
 
@@ -48,3 +48,6 @@ viewer: $(VIEWER)/dist/geco-viewer.js
 $(VIEWER)/dist/geco-viewer.js: $(VIEWER)/package.json $(VIEWER)/package-lock.json $(VIEWER)/src/viewer.js
 	@command -v npm >/dev/null || { echo "make: npm (Node.js >= 18) is needed to build the report's 3D viewer (e.g. apt-get install nodejs npm)"; exit 1; }
 	cd $(VIEWER) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && npm run --silent build
+
+stack: install  # S3 (SeaweedFS) + MLflow on 127.0.0.1 for development, the servers the tests use; Ctrl-C stops them
+	$(PY) -m infra.stack $(if $(RAY),--ray)

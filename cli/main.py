@@ -162,6 +162,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # imported here, not at the top: these modules pull in torch (pipelines.render, geco.generate),
     # and `geco --help` / `geco config` must not wait for it
     from geco.generate import GenerateError
+    from geco.lease import LeaseError
     from geco.models.bundle import CheckpointError
     from geco.registry import RegistryError
     from geco.sources import SourceError
@@ -172,7 +173,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.training import TrainSetupError
 
     return (ConfigError, StorageError, FileNotFoundError, FileExistsError, SourceError, TrainSetupError,
-            RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError, RegistryError)
+            RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError, RegistryError,
+            LeaseError)
 
 
 def _training_failed(err: BaseException, stage: str) -> str | None:

@@ -28,7 +28,10 @@ the MLflow run id and where outputs go. On every worker:
 TEST-ONLY fault injection, here and nowhere else: ``GECO_TRAIN_FAULT=kill-at-step:<step>:<marker
 file>[:<rank>]`` (comma separated) makes that worker ``os._exit(1)`` right after optimiser step
 ``<step>``, once (the marker file records that it happened). Ray Train then restarts the worker
-group, which resumes from the last checkpoint. The driver forwards the variable to the workers.
+group, which resumes from the last checkpoint. ``hold-at-step:<step>:<marker folder>`` makes every
+rank write ``<folder>/rank-<r>`` (its pid and Ray node id) after that step, once, and wait (at most
+10 min) for its node to be removed from under it (tests/integration/test_node_loss.py). The driver
+forwards the variable to the workers.
 """
 from __future__ import annotations
 
@@ -87,9 +90,21 @@ def fault_env() -> dict[str, str]:
 
 
 def maybe_inject_fault(step: int, rank: int) -> None:
-    """Test-only: ``GECO_TRAIN_FAULT=kill-at-step:<n>:<marker>[:<rank>]`` kills this worker once."""
+    """Test-only: ``GECO_TRAIN_FAULT=kill-at-step:<n>:<marker>[:<rank>]`` kills this worker once;
+    ``hold-at-step:<n>:<folder>`` holds every rank once, for its node to be removed."""
     for spec in os.environ.get(FAULT_ENV, "").split(","):
         parts = spec.split(":")
+        if len(parts) == 3 and parts[0] == "hold-at-step" and step == int(parts[1]):
+            marker = Path(parts[2]) / f"rank-{rank}"
+            if not marker.exists():
+                import ray
+
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "step": step,
+                                              "node_id": ray.get_runtime_context().get_node_id()}))
+                log.warning("%s: rank %d holds after step %d for its node to be removed", FAULT_ENV, rank, step)
+                time.sleep(600)
+            continue
         if len(parts) < 3 or parts[0] != "kill-at-step":
             continue
         n, marker = int(parts[1]), Path(parts[2])
