@@ -9,7 +9,11 @@
        │ uris["teacher"], uris["reconstructor"]  (else models.*.pretrained)
        ▼
     stage1    Stage1Inputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris bundle / generator
-    (pseudo_gt -> stage2 -> evaluate: later stages, one more Step each)
+    (pseudo_gt -> stage2: later stages, one more Step each)
+       │ uris["bundle"] (stage1, stage2), the distilled teacher, the shards
+       ▼
+    evaluate  EvaluateInputs(models {stage1, stage2, teacher, teacher_1step}, dataset_uri)
+              -> uris results / report, metrics per model, leakage     (pipelines.evaluate)
     parent run: seconds per stage (`seconds/<stage>`), a stage table (stages.json: output URIs,
     child run ids, whether the stage did any work), tags with the final bundle URI
 
@@ -35,11 +39,11 @@ from typing import Any, Callable
 
 from geco.config import ConfigError, GecoConfig
 from geco.tracking import start_run
-from pipelines.stage import PretrainInputs, Stage1Inputs, StageOutputs
+from pipelines.stage import EvaluateInputs, PretrainInputs, Stage1Inputs, StageOutputs
 
 log = logging.getLogger(__name__)
 
-STAGES = ("render", "pretrain", "stage1")  # in DAG order
+STAGES = ("render", "pretrain", "stage1", "evaluate")  # in DAG order
 
 
 class StageFailed(RuntimeError):
@@ -93,6 +97,9 @@ class DagOutputs:
                  + (f" (mlflow run {self.mlflow_run_id})" if self.mlflow_run_id else "")]
         for s, r in self.stages.items():
             lines.append(f"  {s:<{width}} {r.seconds:8.1f} s  {r.note}")
+        ev = self.stages.get("evaluate")
+        if ev is not None and ev.uris:
+            lines.append(f"evaluation: {ev.uris.get('report') or ev.uris.get('results')}")
         if self.bundle_uri:
             lines.append(f"bundle: {self.bundle_uri}")
             lines.append(f"next:   geco generate IMAGE --checkpoint {self.bundle_uri} -o outputs/generated")
@@ -144,11 +151,21 @@ def stage1_inputs(ctx: DagContext) -> Stage1Inputs:
                                            reconstructor=trained.get("reconstructor"))
 
 
+def evaluate_inputs(ctx: DagContext) -> EvaluateInputs:
+    """The bundles stage1 (and stage2) made in this run, and the teacher stage 1 distilled (as
+    "teacher" and "teacher_1step"); otherwise :func:`pipelines.evaluate.dag_models` finds earlier
+    outputs. ``evaluate.models`` entries take precedence; leakage is checked against this run's shards."""
+    models = _stage("evaluate").dag_models(ctx.cfg, ctx.outputs.get("stage1"), ctx.outputs.get("stage2"))
+    return _stage("evaluate").default_inputs(ctx.cfg, models, _dataset_uri(ctx))
+
+
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("render", lambda ctx: None, lambda cfg, _, parent: _stage("render").run(cfg, parent_run_id=parent)),
     Step("pretrain", pretrain_inputs, lambda cfg, inputs, parent: _stage("pretrain").run(cfg, inputs,
                                                                                         parent_run_id=parent)),
     Step("stage1", stage1_inputs, lambda cfg, inputs, parent: _stage("stage1").run(cfg, inputs, parent_run_id=parent)),
+    Step("evaluate", evaluate_inputs, lambda cfg, inputs, parent: _stage("evaluate").run(cfg, inputs,
+                                                                                        parent_run_id=parent)),
 )}
 assert tuple(STEPS) == STAGES
 

@@ -485,6 +485,34 @@ def default_inputs(cfg: GecoConfig, models: dict[str, str] | None = None, datase
                           dataset_uri=cfg.dataset.uri if dataset_uri is None else dataset_uri)
 
 
+def dag_models(cfg: GecoConfig, stage1=None, stage2=None) -> dict[str, str]:
+    """The models under test the DAG hands over: stage2's and stage1's bundles (their outputs in this
+    run, else a bundle already under ``<stage>.output_uri/bundle``) and the teacher stage 1 distilled
+    (its input in this run, else :func:`pipelines.stage1.default_inputs`'s), as "teacher" (K steps)
+    and "teacher_1step". A tiny random teacher ("") is not evaluated."""
+    from pipelines.stage1 import default_inputs as stage1_inputs
+
+    models: dict[str, str] = {}
+    for name, out in (("stage1", stage1), ("stage2", stage2)):
+        uri = getattr(out, "bundle_uri", None)
+        if not uri and out is None:
+            section = getattr(cfg, name, None)
+            cand = storage.join(storage.absolute_uri(section.output_uri), "bundle") if section is not None else ""
+            uri = cand if cand and storage.exists(storage.join(cand, "geco.json")) else None
+        if uri:
+            models[name] = uri
+    teacher = getattr(stage1, "teacher_uri", None)
+    if stage1 is None:
+        try:
+            teacher = stage1_inputs(cfg).teacher_uri
+        except Exception as e:  # noqa: BLE001 - no teacher to evaluate is not an error here
+            log.info("evaluate: no teacher to evaluate (%s)", e)
+            teacher = ""
+    if teacher:
+        models["teacher"] = models["teacher_1step"] = teacher
+    return {k: v for k, v in models.items() if k not in cfg.evaluate.models}  # the config's entries win
+
+
 def _primary(models) -> str:
     return next((m for m in PRIMARY_ORDER if m in models), next(iter(models), ""))
 
@@ -652,5 +680,6 @@ def _track(cfg: GecoConfig, inputs: EvaluateInputs, result: EvaluateOutputs, sum
     log.info("evaluate: %s", result.summary().splitlines()[0])
 
 
-__all__ = ["EvaluateError", "EvaluateOutputs", "ObjectEvaluator", "default_inputs", "demo_objects", "git_commit",
+__all__ = ["EvaluateError", "EvaluateOutputs", "ObjectEvaluator", "dag_models", "default_inputs", "demo_objects",
+           "git_commit",
            "list_gso", "render_ground_truth", "resolve_models", "run"]
