@@ -288,7 +288,8 @@ class ModelRunner:
                 b = bundle(spec["uri"])
                 self.models[name] = TeacherModel(b.teacher, b.reconstructor, spec["steps"])
             else:
-                teacher = load_teacher(cfg.models.teacher.model_copy(update={"pretrained": spec["teacher"], "unet": ""}))
+                # the configured UNet override (models.teacher.unet, e.g. InstantMesh's) applies to the folder
+                teacher = load_teacher(cfg.models.teacher.model_copy(update={"pretrained": spec["teacher"]}))
                 teacher.to(self.device).eval()
                 rec_uri = spec["reconstructor"]
                 if rec_uri.endswith(".safetensors"):
