@@ -217,7 +217,7 @@ def volume_iou(occ_a: np.ndarray, occ_b: np.ndarray) -> float:
 # all of them
 # ---------------------------------------------------------------------------------------------
 def geometry_metrics(pred: dict, gt: dict, settings: GeometrySettings = GeometrySettings()) -> dict[str, float]:
-    """``{"cd", "viou", "fscore", "fscore@<t>" per threshold}`` from two depth-map sets at the same
+    """``{"cd", "viou", "fscore", "fscore_<t>" per threshold}`` from two depth-map sets at the same
     cameras. ``pred`` / ``gt``: ``{"depths": [V x [H,W]], "masks": [...], "Ks": [...], "w2cs": [...]}``.
     ``fscore`` is the F-score at the first threshold. NaN where a shape has no surface at all."""
     def pts(d):
@@ -232,5 +232,5 @@ def geometry_metrics(pred: dict, gt: dict, settings: GeometrySettings = Geometry
         f = fscore(p, g, t)
         if i == 0:
             out["fscore"] = f
-        out[f"fscore@{t:g}"] = f
+        out[f"fscore_{t:g}"] = f
     return out

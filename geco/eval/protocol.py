@@ -134,7 +134,7 @@ def score_object(gaussians, gt: dict, protocol: Protocol, metrics: ImageMetrics)
     (:func:`geco.data.schema.decode_sample` of a ground-truth sample, white background, with depth).
 
     Returns ``(scores, renders)``: scores ``{"zero123": {"psnr", "ssim", "lpips"}, "orbit": {...},
-    "geometry": {"cd", "viou", "fscore", "fscore@<t>"...}}`` (means over the set's views; ``None``
+    "geometry": {"cd", "viou", "fscore", "fscore_<t>"...}}`` (means over the set's views; ``None``
     for an unavailable metric, NaN where a shape has no surface), renders ``{view set: rgb [V, 3, H, W]}``."""
     scores: dict[str, dict] = {}
     renders: dict[str, torch.Tensor] = {}

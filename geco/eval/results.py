@@ -48,7 +48,7 @@ def _num(v: Any) -> float | None:
 def rows_for(obj: str, model: str, scores: Mapping[str, Mapping], seconds: Mapping[str, float],
              view_sets: Sequence[str]) -> list[dict]:
     """The objects.csv rows of one (object, model): one per view set; extra geometry keys
-    (``fscore@<t>``) are kept beside the contract's columns."""
+    (``fscore_<t>``) are kept beside the contract's columns."""
     geo = scores.get("geometry", {})
     rows = []
     for vs in view_sets:

@@ -108,7 +108,7 @@ def test_geometry_metrics_from_analytic_depth_maps():
     ball = sphere_depths(cams, 0.4)
     settings = G.GeometrySettings(fscore_thresholds=(0.05, 0.02))
     same = G.geometry_metrics(ball, ball, settings)
-    assert same["cd"] == 0.0 and same["viou"] == 1.0 and same["fscore"] == 1.0 and same["fscore@0.02"] == 1.0
+    assert same["cd"] == 0.0 and same["viou"] == 1.0 and same["fscore"] == 1.0 and same["fscore_0.02"] == 1.0
     pts = G.points_from_depths(ball["depths"], ball["masks"], ball["Ks"], ball["w2cs"])
     assert np.abs(np.linalg.norm(pts, axis=1) - 0.4).max() < 0.01
     occ = G.carve_occupancy(ball["depths"], ball["masks"], ball["Ks"], ball["w2cs"])
@@ -116,7 +116,7 @@ def test_geometry_metrics_from_analytic_depth_maps():
     assert G.volume_iou(occ, truth) > 0.85  # the depth-refined visual hull of a ball from 16 views
     shifted = G.geometry_metrics(sphere_depths(cams, 0.4, (0.1, 0.0, 0.0)), ball, settings)
     assert 0.03 < shifted["cd"] < 0.1
-    assert shifted["viou"] < 0.8 and shifted["fscore@0.02"] < shifted["fscore"] < 1.0
+    assert shifted["viou"] < 0.8 and shifted["fscore_0.02"] < shifted["fscore"] < 1.0
 
 
 def test_geometry_cameras_follow_syncdreamer_layout():
