@@ -664,6 +664,13 @@ def _track(cfg: GecoConfig, inputs: EvaluateInputs, result: EvaluateOutputs, sum
         values.update({"seconds": summary["seconds"], "objects": len(result.objects),
                        "objects_per_min": summary["objects_per_min"], "leakage_clean": float(result.leakage["clean"])})
         tracker.log_metrics(values)
+        try:  # the project's lineage tags (geco.tracking.lineage_tags, added with the model registry)
+            from geco.tracking import lineage_tags
+        except ImportError:  # TODO(lead): drop this fallback (and git_commit) once lineage_tags is merged
+            lineage_tags = None
+        if lineage_tags is not None:
+            tracker.set_tags(lineage_tags(cfg, dataset_uri=inputs.dataset_uri or None,
+                                          inputs={f"checkpoint.{k}": v for k, v in inputs.models.items()}))
         tracker.set_tags({"geco.git_commit": lineage["git_commit"], "geco.config_hash": lineage["config_hash"],
                           "geco.dataset_uri": lineage["dataset_uri"], "geco.manifest": lineage["manifest_uri"],
                           "geco.gso_uri": lineage["gso_uri"], "geco.evaluate.primary_model": result.primary,
