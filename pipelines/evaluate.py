@@ -40,6 +40,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -467,6 +469,16 @@ def _publish(local: Path, uri: str) -> None:
         storage.upload(p, storage.join(uri, str(p.relative_to(local))))
 
 
+def _swap_in(new: Path, final: Path) -> Path:
+    """Put the finished folder ``new`` at ``final``, replacing an earlier one (removed afterwards)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def _write_report(results_dir: Path) -> Path | None:
     try:
         from geco.eval.report import write_report
@@ -562,9 +574,13 @@ def run(cfg: GecoConfig, inputs: EvaluateInputs | None = None, *, parent_run_id:
                         fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "specs_json": json.dumps(specs)},
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=ev.num_cpus, num_gpus=ev.num_gpus or None)
 
-    staging = Path(tempfile.mkdtemp(prefix="geco-eval-")) if storage.is_s3(out_uri) else Path(results_uri)
-    if not storage.is_s3(out_uri) and staging.exists():
-        (staging / "summary.json").unlink(missing_ok=True)  # an older, different evaluation: no longer valid
+    # a fresh folder: written whole, then put in place of an earlier evaluation's (which stays until then)
+    if storage.is_s3(out_uri):
+        staging = Path(tempfile.mkdtemp(prefix="geco-eval-"))
+    else:
+        Path(out_uri).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".results.tmp-", dir=out_uri))
+        staging.chmod(0o755)  # mkdtemp's 0700 would stay on the published folder
     writer = ResultsWriter(staging)
     rows: list[dict] = []
     unavailable: dict[str, str] = {}
@@ -610,9 +626,12 @@ def run(cfg: GecoConfig, inputs: EvaluateInputs | None = None, *, parent_run_id:
                        "procedural objects in the GSO layout (geco.data.procedural), made by the project",
     }
     writer.finish(rows, summary, plot=ev.plot)
-    report = _write_report(staging)
     if storage.is_s3(out_uri):
+        report = _write_report(staging)
         _publish(staging, results_uri)
+    else:
+        staging = _swap_in(staging, Path(results_uri))
+        report = _write_report(staging)
     uris = {"results": results_uri}
     if report is not None:
         uris["report"] = storage.join(results_uri, str(report.relative_to(staging)))

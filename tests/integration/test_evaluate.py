@@ -62,8 +62,6 @@ def test_results_folder(evaluation):
         assert m["gso/orbit/seconds_generate"] > 0 and m["gso/orbit/seconds_reconstruct"] > 0
         assert m["gso/orbit/lpips"] is None  # no AlexNet weights here: unavailable, not a stand-in
     assert "lpips" in s["unavailable"]
-    # the multi-step teacher spends more time generating than its one-step self
-    assert s["metrics"]["teacher"]["gso/orbit/seconds_generate"] > s["metrics"]["teacher_1step"]["gso/orbit/seconds_generate"]
     assert s["lineage"]["git_commit"] and s["lineage"]["checkpoints"]["stage1"].endswith("bundle")
     assert s["scale"]["protocol"]["orbit"]["count"] == 4 and s["scale"]["protocol"]["geometry"]["count"] == 8
     rows = list(csv.DictReader(open(res / "objects.csv")))
