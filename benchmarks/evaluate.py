@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         row(f"evaluation, ground truth cached vs rendered: objects/min ({spec})", 60 * n / warm_s, "objects/min",
             baseline=60 * n / cold_s, ratio=cold_s / warm_s),
         row("models under test + metrics + outputs only: objects/min", s_cold["objects_per_min"], "objects/min"),
-        row("ground truth rendering + Ray start-up: share of the cold evaluation",
+        row("ground truth rendering + actor start-up and model loading: share of the cold evaluation",
             (cold_s - s_cold["seconds_models"]) / cold_s, "fraction"),
     ]
     for model in s_cold["models"]:
