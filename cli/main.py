@@ -8,6 +8,7 @@
     geco run --config configs/local.yaml [--set k=v ...] [--stages render,pretrain]  # the whole DAG
     geco report RESULTS_DIR                                     # re-write an evaluation's report page
     geco register BUNDLE_URI [--metrics FILE.json [--model NAME]] --config ...  # a model version + aliases
+    geco evaluate --checkpoint stage1=URI [--checkpoint teacher=URI ...] [--gso FOLDER] [--dataset URI]  # GSO metrics
 
 The command line sits above both ``geco/`` (the library) and ``pipelines/`` (Ray). Stages that need
 Ray or torch are imported lazily so ``geco --help`` stays fast.
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_report_parser(sub)
     _add_register_parser(sub)
+    _add_evaluate_parser(sub)
     return ap
 
 
@@ -151,6 +153,51 @@ def _register_main(args) -> int:
         return code
 
 
+def _add_evaluate_parser(sub) -> None:
+    e = sub.add_parser("evaluate", help="the GSO evaluation of checkpoints: PSNR/SSIM/LPIPS, CD/vIoU/F-score, "
+                                        "seconds per object -> results folder, report, MLflow run")
+    _add_config_args(e)
+    e.add_argument("--checkpoint", action="append", default=[], metavar="NAME=URI",
+                   help="a model under test (repeatable): NAME is teacher, teacher_1step, stage1 or stage2; URI a "
+                        "GECO bundle (local, s3://, runs:/..., models:/name@alias; teachers also a Zero123++ folder "
+                        "or pretrain output). Default: evaluate.models")
+    e.add_argument("--gso", metavar="FOLDER", help="Google Scanned Objects folder, local or s3:// (overrides "
+                   "evaluate.gso_uri; default: a few procedural objects in the GSO layout)")
+    e.add_argument("--objects", metavar="A,B", help="object folder names (overrides evaluate.objects; default all)")
+    e.add_argument("--dataset", metavar="URI", help="the training shards, for the leakage check (default: dataset.uri)")
+    e.add_argument("--output", "-o", metavar="URI", help="results and ground-truth cache (overrides evaluate.output_uri)")
+
+
+def _evaluate_main(args) -> int:
+    overrides = list(args.overrides)
+    if args.gso:
+        overrides.append(f"evaluate.gso_uri={args.gso}")
+    if args.objects:
+        overrides.append(f"evaluate.objects=[{', '.join(n.strip() for n in args.objects.split(',') if n.strip())}]")
+    if args.output:
+        overrides.append(f"evaluate.output_uri={args.output}")
+    models: dict[str, str] = {}
+    for item in args.checkpoint:
+        name, sep, uri = item.partition("=")
+        if not sep or not name.strip() or not uri.strip():
+            return _fail(f"--checkpoint {item!r}: expected NAME=URI, e.g. --checkpoint stage1=outputs/stage1/bundle")
+        models[name.strip()] = uri.strip()
+    try:
+        cfg = load_config(args.config, overrides)
+        from pipelines import evaluate
+
+        result = evaluate.run(cfg, evaluate.default_inputs(cfg, models, args.dataset))
+        _print_summary(result.summary())
+        return 0
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except Exception as e:  # one line for errors users cause; tracebacks for bugs
+        code = _report_failure(e, str(e), "evaluate")
+        if code is None:
+            raise
+        return code
+
+
 def _fail(message: str) -> int:
     """Say why on one line of stderr (a YAML parser's or a library's message may span several) -> 2."""
     print("geco: " + " ".join(str(message).split()), file=sys.stderr)
@@ -169,12 +216,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from geco.storage import StorageError
     from geco.weights import WeightsImportError
     from pipelines.cluster import RayStartError
+    from pipelines.evaluate import EvaluateError
     from pipelines.render import RenderAborted
     from pipelines.training import TrainSetupError
 
     return (ConfigError, StorageError, FileNotFoundError, FileExistsError, SourceError, TrainSetupError,
             RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError, RegistryError,
-            LeaseError)
+            LeaseError, EvaluateError)
 
 
 def _training_failed(err: BaseException, stage: str) -> str | None:
@@ -468,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report_main(args)
     if args.command == "register":
         return _register_main(args)
+    if args.command == "evaluate":
+        return _evaluate_main(args)
     try:
         cfg = _load(args)
         if args.command == "config":

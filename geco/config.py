@@ -508,6 +508,64 @@ class RegistryConfig(_Strict):
         return v
 
 
+# --------------------------------------------------------------------------------------------
+# Evaluation (the `evaluate` stage: pipelines/evaluate.py, the GSO protocol; geco/eval/)
+# --------------------------------------------------------------------------------------------
+EVAL_MODEL_NAMES = ("teacher", "teacher_1step", "stage1", "stage2")
+
+
+class EvaluateConfig(_FiniteStrict):
+    """The `evaluate` stage: ground truth rendered by the project's renderer at the protocol's views,
+    every model under test run on the input view, PSNR/SSIM/LPIPS per view set, CD/vIoU/F-score from
+    depth maps, seconds per object; a results folder, a report, an MLflow run (PAPER.md "Evaluation")."""
+
+    # a Google Scanned Objects folder (<name>/meshes/model.obj; local or s3://); "" = a few procedural
+    # objects written in the GSO layout under output_uri/gso-demo (the embedded demo; no download)
+    gso_uri: str = ""
+    objects: list[str] = Field(default_factory=list)  # folder names to evaluate; empty = every object of the folder
+    demo_objects: int = Field(3, ge=1)  # how many procedural GSO-layout objects when gso_uri is ""
+    output_uri: str = "outputs/evaluate"  # results/ (+ results/report/), gt/ (the ground-truth render cache)
+    # models under test, name -> URI (local/s3:// GECO bundle, runs:/..., models:/name@alias; the teachers
+    # also a Zero123++ folder or a pretrain output). Names: teacher (K steps), teacher_1step, stage1, stage2.
+    # The DAG fills in what its stages produced; entries here take precedence.
+    models: dict[str, str] = Field(default_factory=dict)
+    teacher_steps: int = Field(75, ge=1)  # the multi-step teacher's sampling steps (GECO: 75)
+    input_resolution: int = Field(512, ge=8)  # the input view (elevation 0, azimuth 0; paper: 512)
+    resolution: int = Field(320, ge=8)  # the view sets' renders, ground truth and models alike
+    orbit_views: int = Field(15, ge=1)  # evenly spaced azimuths at orbit_elevation (paper: 15 at 0 deg)
+    orbit_elevation: Elevation = 0.0
+    # geometry: depth maps at fixed cameras (geco/eval/geometry.py); SyncDreamer: 16 at 30 deg, 256 px.
+    # Elevations alternate over the cameras; occupancy carving needs some below the object.
+    geometry_views: int = Field(16, ge=1)
+    geometry_elevations: list[Elevation] = Field(default_factory=lambda: [30.0, -30.0], min_length=1)
+    geometry_resolution: int = Field(256, ge=8)
+    voxel_size: float = Field(0.01, gt=0)  # point-cloud voxel downsampling (SyncDreamer: 0.01)
+    iou_grid: int = Field(64, ge=4)  # occupancy grid cells per side over [-iou_extent, iou_extent]^3
+    iou_extent: float = Field(1.0, gt=0)
+    # F-score thresholds in units of the object's largest side; "fscore" is the first (SF3D/SPAR3D: 0.1)
+    fscore_thresholds: list[float] = Field(default_factory=lambda: [0.1, 0.05], min_length=1)
+    # LPIPS (AlexNet, as papers report it): torchvision's alexnet-owt-7be5be79.pth and the LPIPS v0.1 alex
+    # linear layers (local, s3://, URL); "" = the torch hub cache / an installed lpips package. None load:
+    # LPIPS is reported "unavailable", never a stand-in
+    lpips_backbone_weights: str = ""
+    lpips_linear_weights: str = ""
+    seed: int = 0  # generator / teacher noise per object: seed + index of the object
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where models under test run
+    num_gpus: float = Field(0.0, ge=0)  # GPUs of the Ray actor that runs the models under test
+    num_cpus: float = Field(1.0, gt=0)  # CPUs of that actor (fractional on small machines)
+    turntable_frames: int = Field(24, ge=0)  # per object and model (0 = none)
+    turntable_size: int = Field(128, ge=8)
+    plot: bool = True  # plots/metrics.png
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(set(v) - set(EVAL_MODEL_NAMES))
+        if bad:
+            raise ValueError(f"unknown model name(s) {', '.join(bad)}; use {', '.join(EVAL_MODEL_NAMES)}")
+        return v
+
+
 class GecoConfig(_Strict):
     """The whole DAG in one flat config; each stage reads the sections it needs."""
 
@@ -523,6 +581,7 @@ class GecoConfig(_Strict):
     pretrain: PretrainConfig = PretrainConfig()  # train teacher/reconstructor where no weights are given
     stage1: Stage1Config = Stage1Config()  # VSD distillation of the one-step generator
     registry: RegistryConfig = RegistryConfig()  # the `register` stage: model versions + aliases
+    evaluate: EvaluateConfig = EvaluateConfig()  # the GSO evaluation (PSNR/SSIM/LPIPS, CD/vIoU/F-score, seconds)
 
     @field_validator("name")
     @classmethod

@@ -9,7 +9,11 @@
        │ uris["teacher"], uris["reconstructor"]  (else models.*.pretrained)
        ▼
     stage1    Stage1Inputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris bundle / generator
-    (pseudo_gt -> stage2 -> evaluate: later stages, one more Step each)
+    (pseudo_gt -> stage2: later stages, one more Step each)
+       │ uris["bundle"] (stage1, stage2), the distilled teacher, the shards
+       ▼
+    evaluate  EvaluateInputs(models {stage1, stage2, teacher, teacher_1step}, dataset_uri)
+              -> uris results / report, metrics per model, leakage     (pipelines.evaluate)
        │ the final bundle (stage2's, else stage1's) + evaluate's metrics for that model
        ▼
     register  RegisterInputs(bundle_uri, metrics, evaluate_run_id, lineage) -> uris model
@@ -40,11 +44,11 @@ from typing import Any, Callable
 
 from geco.config import ConfigError, GecoConfig
 from geco.tracking import lineage_tags, start_run
-from pipelines.stage import PretrainInputs, RegisterInputs, Stage1Inputs, StageOutputs
+from pipelines.stage import EvaluateInputs, PretrainInputs, RegisterInputs, Stage1Inputs, StageOutputs
 
 log = logging.getLogger(__name__)
 
-STAGES = ("render", "pretrain", "stage1", "register")  # in DAG order
+STAGES = ("render", "pretrain", "stage1", "evaluate", "register")  # in DAG order
 
 
 class StageFailed(RuntimeError):
@@ -99,6 +103,9 @@ class DagOutputs:
                  + (f" (mlflow run {self.mlflow_run_id})" if self.mlflow_run_id else "")]
         for s, r in self.stages.items():
             lines.append(f"  {s:<{width}} {r.seconds:8.1f} s  {r.note}")
+        ev = self.stages.get("evaluate")
+        if ev is not None and ev.uris:
+            lines.append(f"evaluation: {ev.uris.get('report') or ev.uris.get('results')}")
         if self.bundle_uri:
             lines.append(f"bundle: {self.bundle_uri}")
             lines.append(f"next:   geco generate IMAGE --checkpoint {self.bundle_uri} -o outputs/generated")
@@ -153,6 +160,14 @@ def stage1_inputs(ctx: DagContext) -> Stage1Inputs:
                                            reconstructor=trained.get("reconstructor"))
 
 
+def evaluate_inputs(ctx: DagContext) -> EvaluateInputs:
+    """The bundles stage1 (and stage2) made in this run, and the teacher stage 1 distilled (as
+    "teacher" and "teacher_1step"); otherwise :func:`pipelines.evaluate.dag_models` finds earlier
+    outputs. ``evaluate.models`` entries take precedence; leakage is checked against this run's shards."""
+    models = _stage("evaluate").dag_models(ctx.cfg, ctx.outputs.get("stage1"), ctx.outputs.get("stage2"))
+    return _stage("evaluate").default_inputs(ctx.cfg, models, _dataset_uri(ctx))
+
+
 def register_inputs(ctx: DagContext) -> RegisterInputs:
     """The final bundle (stage2's when it ran in this DAG run, else stage1's; else the last one on disk)
     with evaluate's metrics for that model (none when evaluate did not run) and the lineage to record."""
@@ -174,7 +189,8 @@ def register_inputs(ctx: DagContext) -> RegisterInputs:
             raise ConfigError("register: no bundle to register: run stage1 (or stage2) first, or register one with "
                               "`geco register BUNDLE_URI`")
     evaluate = ctx.outputs.get("evaluate")
-    metrics = dict((getattr(evaluate, "metrics", None) or {}).get(final) or {})
+    metrics = {k: v for k, v in ((getattr(evaluate, "metrics", None) or {}).get(final) or {}).items()
+               if v is not None}  # None: a metric evaluate could not compute (e.g. LPIPS without weights)
     lineage = {"bundle_stage": final, "bundle_run_id": bundle_run, "dag_run_id": ctx.parent_run_id or "",
                "dataset_uri": _dataset_uri(ctx)}
     lineage.update({f"{s}_run_id": out.mlflow_run_id for s, out in ctx.outputs.items()
@@ -188,6 +204,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("pretrain", pretrain_inputs, lambda cfg, inputs, parent: _stage("pretrain").run(cfg, inputs,
                                                                                         parent_run_id=parent)),
     Step("stage1", stage1_inputs, lambda cfg, inputs, parent: _stage("stage1").run(cfg, inputs, parent_run_id=parent)),
+    Step("evaluate", evaluate_inputs, lambda cfg, inputs, parent: _stage("evaluate").run(cfg, inputs,
+                                                                                        parent_run_id=parent)),
     Step("register", register_inputs, lambda cfg, inputs, parent: _stage("register").run(cfg, inputs,
                                                                                         parent_run_id=parent)),
 )}

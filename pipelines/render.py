@@ -100,9 +100,15 @@ class RenderOutputs:
         return "\n".join(lines)
 
 
+def sample_hash(content_hash: str, settings_hash: str) -> str:
+    """The hash a shard sample is recorded under: an object's content hash with the settings hash
+    of the render that made it (also how the evaluation's leakage check finds training objects)."""
+    return hashlib.sha256(f"{content_hash}:{settings_hash}".encode()).hexdigest()[:24]
+
+
 def render_hash(ref: ObjectRef, render: RenderConfig) -> str:
     """What decides whether an object must be (re-)rendered: its bytes and the render settings."""
-    return hashlib.sha256(f"{ref.content_hash}:{render.settings_hash()}".encode()).hexdigest()[:24]
+    return sample_hash(ref.content_hash, render.settings_hash())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +154,9 @@ class RenderActor:
                     self.renderer.close()
                     os._exit(1)
 
-    def _render_one(self, ref: ObjectRef) -> dict:
+    def _render_one(self, ref: ObjectRef, cams: list[dict] | None = None) -> dict:
+        """Render ``ref`` at ``cams`` (cameras.json records, cond first; default: the render config's
+        cameras for the object, :func:`geco.render.views.cameras_for`)."""
         from geco.render.views import blender_settings, cameras_for
 
         out = {"object_id": ref.object_id, "uri": ref.uri, "ok": False, "reason": "", "log_tail": "",
@@ -164,7 +172,7 @@ class RenderActor:
                        retryable=True)
             return out
         self._maybe_die(ref.object_id)
-        cams = [c.to_dict() for c in cameras_for(ref.object_id, self.render)]
+        cams = cams or [c.to_dict() for c in cameras_for(ref.object_id, self.render)]
         with tempfile.TemporaryDirectory(prefix="geco-render-") as tmp:
             res = self.renderer.render(ref.object_id, str(path), cams, blender_settings(self.render), tmp,
                                        timeout_s=self.render.blender.timeout_s)
@@ -175,7 +183,8 @@ class RenderActor:
                         "source_warnings": ref.warnings(), **ref.extra}
                 Path(tmp, "meta.json").write_text(json.dumps(meta, sort_keys=True, default=str))
                 try:
-                    members = schema.sample_from_dir(ref.object_id, tmp)
+                    members = schema.sample_from_dir(ref.object_id, tmp, require_depth=self.render.depth,
+                                                     require_normals=self.render.normals)
                 except Exception as e:  # renderer said ok but a member is missing: record it
                     out.update(ok=False, reason=f"incomplete render: {e}")
                     return out
@@ -184,7 +193,9 @@ class RenderActor:
         return out
 
     def __call__(self, batch: dict) -> dict:
-        rows = [self._render_one(ObjectRef.from_json(j)) for j in batch["ref"]]
+        cams = batch.get("cameras")  # optional: a JSON list of camera records per row (the evaluation's views)
+        rows = [self._render_one(ObjectRef.from_json(j), json.loads(cams[i]) if cams is not None else None)
+                for i, j in enumerate(batch["ref"])]
         return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
     def __del__(self):

@@ -57,6 +57,17 @@ class RegisterInputs:
     lineage: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EvaluateInputs:
+    """The evaluation runs the GSO protocol on ``models`` (name -> URI; names teacher, teacher_1step,
+    stage1, stage2; a GECO bundle, ``runs:/``, ``models:/name@alias``, or for the teachers a Zero123++
+    folder / pretrain output) and checks its objects against the training data at ``dataset_uri``
+    (leakage)."""
+
+    models: dict[str, str]
+    dataset_uri: str = ""
+
+
 # ---------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The DAG end to end (`geco run`): render -> pretrain -> stage1 -> register on a tiny config, real
-Blender, a local Ray and a real MLflow server.
+"""The DAG end to end (`geco run`): render -> pretrain -> stage1 -> evaluate -> register on a tiny
+config, real Blender, a local Ray and a real MLflow server.
 
 * one parent run `<name>/dag` with the stages as child runs (pretrain's per-model runs under
   pretrain's), per-stage seconds and a stage table on the parent, the final bundle URI as a tag;
@@ -48,7 +48,10 @@ def tiny_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
         f"pretrain.output_uri={tmp_path / 'pretrained'}", "pretrain.concurrent=true", "pretrain.teacher.eval_steps=2",
         f"stage1.output_uri={tmp_path / 'stage1'}",
         "stage1.lr_generator=1e-3", "stage1.lr_fake=2e-3", "stage1.eval_teacher_steps=2", "stage1.lora_rank=2",
-        f"tracking.uri={tracking_uri}", "tracking.experiment=test-dag", "name=dag-test"]
+        f"tracking.uri={tracking_uri}", "tracking.experiment=test-dag", "name=dag-test",
+        f"evaluate.output_uri={tmp_path / 'evaluate'}", "evaluate.demo_objects=1", "evaluate.resolution=32",
+        "evaluate.input_resolution=32", "evaluate.geometry_resolution=32", "evaluate.orbit_views=4",
+        "evaluate.geometry_views=4", "evaluate.teacher_steps=2", "evaluate.turntable_frames=0", "evaluate.num_cpus=0.5"]
 
 
 def runs_named(client, name: str):
@@ -94,8 +97,8 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     # the first run does everything
     first = dag.run(cfg)
     print(first.summary())
-    assert list(first.stages) == ["render", "pretrain", "stage1", "register"]
-    assert first.did_work == {"render": True, "pretrain": True, "stage1": True, "register": True}
+    assert list(first.stages) == ["render", "pretrain", "stage1", "evaluate", "register"]
+    assert first.did_work == {"render": True, "pretrain": True, "stage1": True, "evaluate": True, "register": True}
     assert first["render"].rendered == 8 and first["render"].failed == 0
     assert set(first["pretrain"].results) == {"teacher", "reconstructor"}
     assert all(r.step == 4 and not r.already_complete for r in first["pretrain"].results.values())
@@ -107,6 +110,11 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     assert first.bundle_uri == str(tmp_path / "stage1" / "bundle") and Path(first.bundle_uri, "geco.json").is_file()
     summary = first.summary()
     assert f"geco generate IMAGE --checkpoint {first.bundle_uri}" in summary
+    # evaluate: stage 1's bundle and the teacher it distilled, on a procedural GSO-layout object
+    ev = first["evaluate"]
+    assert set(ev.metrics) == {"teacher", "teacher_1step", "stage1"} and ev.primary == "stage1"
+    assert ev.leakage["clean"] and ev.metrics["stage1"]["gso/orbit/psnr"] > 0
+    assert f"evaluation: {ev.uris.get('report') or ev.uris['results']}" in summary
     assert all(f"  {s} " in summary for s in dag.STAGES)
 
     # MLflow: one parent run, the stages as its children, pretrain's models under pretrain
@@ -115,7 +123,8 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     assert parent.data.tags["geco.bundle_uri"] == first.bundle_uri
     assert {f"seconds/{s}" for s in dag.STAGES} | {"seconds"} <= set(parent.data.metrics)
     kids = children(client, parent)
-    assert set(kids) == {"render", "pretrain", "stage1", "register"}
+    assert set(kids) == {"render", "pretrain", "stage1", "evaluate", "register"}
+    assert kids["evaluate"].data.metrics["gso/orbit/psnr"] == pytest.approx(ev.metrics["stage1"]["gso/orbit/psnr"])
     assert all(r.info.status == "FINISHED" for r in kids.values())
     assert kids["render"].data.metrics["rendered"] == 8
     grandkids = children(client, kids["pretrain"])
