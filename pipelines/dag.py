@@ -9,7 +9,10 @@
        │ uris["teacher"], uris["reconstructor"]  (else models.*.pretrained)
        ▼
     stage1    Stage1Inputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris bundle / generator
-    (pseudo_gt -> stage2 -> evaluate: later stages, one more Step each)
+       │ uris["bundle"]; the teacher / reconstructor stage 1 used
+       ▼
+    pseudo_gt PseudoGTInputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris pseudo_gt (pipelines.pseudo_gt)
+    (stage2 -> evaluate: later stages, one more Step each)
     parent run: seconds per stage (`seconds/<stage>`), a stage table (stages.json: output URIs,
     child run ids, whether the stage did any work), tags with the final bundle URI
 
@@ -35,11 +38,11 @@ from typing import Any, Callable
 
 from geco.config import ConfigError, GecoConfig
 from geco.tracking import start_run
-from pipelines.stage import PretrainInputs, Stage1Inputs, StageOutputs
+from pipelines.stage import PretrainInputs, PseudoGTInputs, Stage1Inputs, StageOutputs
 
 log = logging.getLogger(__name__)
 
-STAGES = ("render", "pretrain", "stage1")  # in DAG order
+STAGES = ("render", "pretrain", "stage1", "pseudo_gt")  # in DAG order
 
 
 class StageFailed(RuntimeError):
@@ -144,11 +147,20 @@ def stage1_inputs(ctx: DagContext) -> Stage1Inputs:
                                            reconstructor=trained.get("reconstructor"))
 
 
+def pseudo_gt_inputs(ctx: DagContext) -> PseudoGTInputs:
+    """The render shards, and the teacher / reconstructor stage 1 distils and bundles (the same
+    resolution: :func:`stage1_inputs`)."""
+    s1 = stage1_inputs(ctx)
+    return PseudoGTInputs(s1.dataset_uri, s1.teacher_uri, s1.reconstructor_uri)
+
+
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("render", lambda ctx: None, lambda cfg, _, parent: _stage("render").run(cfg, parent_run_id=parent)),
     Step("pretrain", pretrain_inputs, lambda cfg, inputs, parent: _stage("pretrain").run(cfg, inputs,
                                                                                         parent_run_id=parent)),
     Step("stage1", stage1_inputs, lambda cfg, inputs, parent: _stage("stage1").run(cfg, inputs, parent_run_id=parent)),
+    Step("pseudo_gt", pseudo_gt_inputs,
+         lambda cfg, inputs, parent: _stage("pseudo_gt").run(cfg, inputs, parent_run_id=parent)),
 )}
 assert tuple(STEPS) == STAGES
 
