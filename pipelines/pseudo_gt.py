@@ -324,8 +324,9 @@ def run(cfg: GecoConfig, inputs: PseudoGTInputs | None = None, *, parent_run_id:
                             "reconstructor_uri": inputs.reconstructor_uri, "steps": p.steps,
                             "guidance_scale": cfg.models.teacher.guidance_scale if p.guidance_scale is None
                             else p.guidance_scale, "seed": p.seed}, sort_keys=True).encode()
-                        ds_run.add(schema.sample_from_members(key, members, require_normals=False), pgt_hashes[key],
-                                   oid)
+                        # no cond depth and no normals in pseudo-GT (CONTRACTS.md); views carry depth
+                        sample = schema.sample_from_members(key, members, require_depth=False, require_normals=False)
+                        ds_run.add(sample, pgt_hashes[key], oid)
                         result.computed += 1
                         result.object_seconds.append(row["seconds"])
                         if len(sheet) < cfg.tracking.contact_sheet_objects:
