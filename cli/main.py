@@ -5,6 +5,7 @@
     geco generate IMAGE [IMAGE ...] --checkpoint URI -o OUTDIR [--seed S] [--num-samples K] [--device cpu|cuda]
     geco models init-tiny DEST [--set k=v ...]                  # a tiny random checkpoint bundle
     geco train pretrain|stage1 --config configs/local.yaml [--set k=v ...]   # Ray Train (resumes)
+    geco pseudo-gt --config configs/local.yaml [--data URI] [--output URI] [--teacher URI] [--reconstructor URI]
     geco run --config configs/local.yaml [--set k=v ...] [--stages render,pretrain]  # the whole DAG
     geco report RESULTS_DIR                                     # re-write an evaluation's report page
     geco register BUNDLE_URI [--metrics FILE.json [--model NAME]] --config ...  # a model version + aliases
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_report_parser(sub)
     _add_register_parser(sub)
     _add_evaluate_parser(sub)
+    _add_pseudo_gt_parser(sub)
     return ap
 
 
@@ -211,18 +213,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from geco.generate import GenerateError
     from geco.lease import LeaseError
     from geco.models.bundle import CheckpointError
+    from geco.pseudo_gt import PseudoGTSetupError
     from geco.registry import RegistryError
     from geco.sources import SourceError
     from geco.storage import StorageError
     from geco.weights import WeightsImportError
     from pipelines.cluster import RayStartError
     from pipelines.evaluate import EvaluateError
+    from pipelines.pseudo_gt import PseudoGTFailed
     from pipelines.render import RenderAborted
     from pipelines.training import TrainSetupError
 
     return (ConfigError, StorageError, FileNotFoundError, FileExistsError, SourceError, TrainSetupError,
             RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError, RegistryError,
-            LeaseError, EvaluateError)
+            LeaseError, EvaluateError, PseudoGTSetupError, PseudoGTFailed)
 
 
 def _training_failed(err: BaseException, stage: str) -> str | None:
@@ -344,6 +348,42 @@ def _train_main(args) -> int:
         return _fail(f"config error: {e}")
     except Exception as e:  # one line for errors users cause; tracebacks for bugs
         code = _report_failure(e, str(e), args.train_stage)
+        if code is None:
+            raise
+        return code
+
+
+def _add_pseudo_gt_parser(sub) -> None:
+    p = sub.add_parser("pseudo-gt", help="pseudo ground truth for stage 2: teacher DDIM -> reconstructor -> "
+                                         "rendered views, as shards (Ray Data; re-running computes only what changed)")
+    _add_config_args(p)
+    p.add_argument("--data", metavar="URI", help="render shards dir or s3:// prefix (overrides dataset.uri)")
+    p.add_argument("--output", "-o", metavar="URI", help="pseudo-GT shards dir or s3:// prefix "
+                                                          "(overrides pseudo_gt.output_uri)")
+    p.add_argument("--teacher", metavar="URI", help="teacher folder or pretrain output (default: as stage 1's)")
+    p.add_argument("--reconstructor", metavar="URI", help="reconstructor .safetensors or pretrain output "
+                                                          "(default: as stage 1's)")
+    p.add_argument("--retry-failed", action="store_true", help="retry objects that failed before")
+
+
+def _pseudo_gt_main(args) -> int:
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"dataset.uri={args.data}")
+    if args.output:
+        overrides.append(f"pseudo_gt.output_uri={args.output}")
+    try:
+        from pipelines import pseudo_gt
+
+        cfg = load_config(args.config, overrides)
+        inputs = pseudo_gt.default_inputs(cfg, teacher=args.teacher, reconstructor=args.reconstructor)
+        result = pseudo_gt.run(cfg, inputs, retry_failed=args.retry_failed)
+        _print_summary(result.summary())
+        return 0
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except Exception as e:  # one line for errors users cause; tracebacks for bugs
+        code = _report_failure(e, str(e), "pseudo-gt")
         if code is None:
             raise
         return code
@@ -518,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         return _register_main(args)
     if args.command == "evaluate":
         return _evaluate_main(args)
+    if args.command == "pseudo-gt":
+        return _pseudo_gt_main(args)
     try:
         cfg = _load(args)
         if args.command == "config":

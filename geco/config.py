@@ -566,6 +566,48 @@ class EvaluateConfig(_FiniteStrict):
         return v
 
 
+class PseudoGTConfig(_FiniteStrict):
+    """`geco pseudo-gt` (the DAG's pseudo_gt stage): the teacher's 75-step deterministic DDIM from
+    saved noise -> 6 views -> the reconstructor -> Gaussians rendered at ``num_views`` views (the 6
+    Zero123++ poses + random ones), written as shards beside the render shards (PAPER.md "Stage 2")."""
+
+    output_uri: str = "outputs/pseudo_gt"  # shards + manifest + failures, as render's (local dir or s3://)
+    steps: int = Field(75, ge=1)  # deterministic DDIM steps of the teacher (GECO v1: 75)
+    guidance_scale: float | None = Field(None, ge=1.0)  # CFG of those samples; None = models.teacher.guidance_scale
+    batch_size: int = Field(4, ge=1)  # objects per teacher / reconstructor batch in one actor
+    num_views: int = Field(50, ge=7)  # rendered views: the 6 Zero123++ poses + num_views - 6 random (GECO v1: 50)
+    resolution: int = Field(256, ge=8)  # square side of every rendered view (stage 2's LPIPS runs at 256 px)
+    random_elevation_range: tuple[Elevation, Elevation] = (-90.0, 90.0)  # degrees, uniform in [lo, hi) (GECO v1)
+    random_azimuth_range: tuple[float, float] = (0.0, 360.0)  # degrees, uniform in [lo, hi)
+    random_radius: float = Field(1.5, gt=0)  # camera distance of the random views (GECO v1: 1.5)
+    random_fov_deg: float = Field(49.1, gt=0, lt=180)  # FOV of the random views
+    seed: int = 0  # initial noise and random views are seeded by hash(object key, seed)
+    # The reconstructor reads the teacher's tiles resized to models.reconstructor.input_size: refuse a pair
+    # that would upscale the tiles by more than this (a mismatched teacher/reconstructor; checked at start).
+    max_reconstructor_upscale: float = Field(2.0, ge=1.0)
+    num_actors: int = Field(1, ge=1)  # Ray Data actors, each holding the teacher and the reconstructor once
+    cpus_per_actor: float = Field(1.0, gt=0)  # fractional on small machines (Ray Data needs CPUs too)
+    gpus_per_actor: float = Field(0.0, ge=0)  # 1 on a GPU cluster
+    torch_threads: int = Field(0, ge=0)  # torch.set_num_threads per actor (0 = torch's default)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "PseudoGTConfig":
+        (elo, ehi), (alo, ahi) = self.random_elevation_range, self.random_azimuth_range
+        if elo > ehi or alo > ahi:
+            raise ValueError("pseudo_gt.random_elevation_range / random_azimuth_range must be [low, high]")
+        return self
+
+    def settings_hash(self, teacher_guidance: float) -> str:
+        """What changes a pseudo-GT sample besides its source, teacher and reconstructor (not how
+        the work is spread: actors, CPUs, GPUs, threads, batch size, output)."""
+        d = self.model_dump(mode="json")
+        for k in ("output_uri", "batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "torch_threads",
+                  "max_reconstructor_upscale"):
+            d.pop(k)
+        d["guidance_scale"] = teacher_guidance if self.guidance_scale is None else self.guidance_scale
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class GecoConfig(_Strict):
     """The whole DAG in one flat config; each stage reads the sections it needs."""
 
@@ -582,6 +624,7 @@ class GecoConfig(_Strict):
     stage1: Stage1Config = Stage1Config()  # VSD distillation of the one-step generator
     registry: RegistryConfig = RegistryConfig()  # the `register` stage: model versions + aliases
     evaluate: EvaluateConfig = EvaluateConfig()  # the GSO evaluation (PSNR/SSIM/LPIPS, CD/vIoU/F-score, seconds)
+    pseudo_gt: PseudoGTConfig = PseudoGTConfig()  # teacher -> reconstructor -> rendered views, for stage 2
 
     @field_validator("name")
     @classmethod

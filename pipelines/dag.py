@@ -9,7 +9,10 @@
        │ uris["teacher"], uris["reconstructor"]  (else models.*.pretrained)
        ▼
     stage1    Stage1Inputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris bundle / generator
-    (pseudo_gt -> stage2: later stages, one more Step each)
+       │ uris["bundle"]; the teacher / reconstructor stage 1 used
+       ▼
+    pseudo_gt PseudoGTInputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris pseudo_gt (pipelines.pseudo_gt)
+    (stage2: a later stage, one more Step)
        │ uris["bundle"] (stage1, stage2), the distilled teacher, the shards
        ▼
     evaluate  EvaluateInputs(models {stage1, stage2, teacher, teacher_1step}, dataset_uri)
@@ -44,11 +47,11 @@ from typing import Any, Callable
 
 from geco.config import ConfigError, GecoConfig
 from geco.tracking import lineage_tags, start_run
-from pipelines.stage import EvaluateInputs, PretrainInputs, RegisterInputs, Stage1Inputs, StageOutputs
+from pipelines.stage import EvaluateInputs, PretrainInputs, PseudoGTInputs, RegisterInputs, Stage1Inputs, StageOutputs
 
 log = logging.getLogger(__name__)
 
-STAGES = ("render", "pretrain", "stage1", "evaluate", "register")  # in DAG order
+STAGES = ("render", "pretrain", "stage1", "pseudo_gt", "evaluate", "register")  # in DAG order
 
 
 class StageFailed(RuntimeError):
@@ -160,6 +163,13 @@ def stage1_inputs(ctx: DagContext) -> Stage1Inputs:
                                            reconstructor=trained.get("reconstructor"))
 
 
+def pseudo_gt_inputs(ctx: DagContext) -> PseudoGTInputs:
+    """The render shards, and the teacher / reconstructor stage 1 distils and bundles (the same
+    resolution: :func:`stage1_inputs`)."""
+    s1 = stage1_inputs(ctx)
+    return PseudoGTInputs(s1.dataset_uri, s1.teacher_uri, s1.reconstructor_uri)
+
+
 def evaluate_inputs(ctx: DagContext) -> EvaluateInputs:
     """The bundles stage1 (and stage2) made in this run, and the teacher stage 1 distilled (as
     "teacher" and "teacher_1step"); otherwise :func:`pipelines.evaluate.dag_models` finds earlier
@@ -204,6 +214,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("pretrain", pretrain_inputs, lambda cfg, inputs, parent: _stage("pretrain").run(cfg, inputs,
                                                                                         parent_run_id=parent)),
     Step("stage1", stage1_inputs, lambda cfg, inputs, parent: _stage("stage1").run(cfg, inputs, parent_run_id=parent)),
+    Step("pseudo_gt", pseudo_gt_inputs,
+         lambda cfg, inputs, parent: _stage("pseudo_gt").run(cfg, inputs, parent_run_id=parent)),
     Step("evaluate", evaluate_inputs, lambda cfg, inputs, parent: _stage("evaluate").run(cfg, inputs,
                                                                                         parent_run_id=parent)),
     Step("register", register_inputs, lambda cfg, inputs, parent: _stage("register").run(cfg, inputs,

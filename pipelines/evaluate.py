@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from geco import storage
+from geco import storage, tracking
 from geco.config import EVAL_MODEL_NAMES, GecoConfig, SourceConfig
 from geco.data import shards
 from geco.eval.leakage import check_leakage
@@ -439,19 +438,6 @@ class ObjectEvaluator:
 # ---------------------------------------------------------------------------------------------
 # lineage, publishing
 # ---------------------------------------------------------------------------------------------
-def git_commit() -> str:
-    """The checkout's commit (+ "-dirty" when it has uncommitted changes); "" outside a git checkout."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def _manifests(dataset_uri: str) -> list[dict]:
     if not dataset_uri:
         return []
@@ -605,7 +591,9 @@ def run(cfg: GecoConfig, inputs: EvaluateInputs | None = None, *, parent_run_id:
     metrics, missing = aggregate(rows, models, VIEW_SETS)
     primary = _primary(models)
     seconds = time.perf_counter() - t0
-    lineage = {"git_commit": git_commit(), "config_hash": config_hash(cfg), "evaluation_hash": eval_hash,
+    commit, dirty = tracking.git_state()
+    lineage = {"git_commit": commit + ("-dirty" if dirty == "true" else ""), "config_hash": tracking.config_hash(cfg),
+               "evaluation_hash": eval_hash,
                "dataset_uri": inputs.dataset_uri,
                "manifest_uri": shards.manifest_uri(inputs.dataset_uri, manifests[-1]["version"]) if manifests else "",
                "checkpoints": dict(inputs.models), "gso_uri": gso}
@@ -683,16 +671,9 @@ def _track(cfg: GecoConfig, inputs: EvaluateInputs, result: EvaluateOutputs, sum
         values.update({"seconds": summary["seconds"], "objects": len(result.objects),
                        "objects_per_min": summary["objects_per_min"], "leakage_clean": float(result.leakage["clean"])})
         tracker.log_metrics(values)
-        try:  # the project's lineage tags (geco.tracking.lineage_tags, added with the model registry)
-            from geco.tracking import lineage_tags
-        except ImportError:  # TODO(lead): drop this fallback (and git_commit) once lineage_tags is merged
-            lineage_tags = None
-        if lineage_tags is not None:
-            tracker.set_tags(lineage_tags(cfg, dataset_uri=inputs.dataset_uri or None,
-                                          inputs={f"checkpoint.{k}": v for k, v in inputs.models.items()}))
-        tracker.set_tags({"geco.git_commit": lineage["git_commit"], "geco.config_hash": lineage["config_hash"],
-                          "geco.dataset_uri": lineage["dataset_uri"], "geco.manifest": lineage["manifest_uri"],
-                          "geco.gso_uri": lineage["gso_uri"], "geco.evaluate.primary_model": result.primary,
+        tracker.set_tags(tracking.lineage_tags(cfg, dataset_uri=inputs.dataset_uri or None,
+                                               inputs={f"checkpoint.{k}": v for k, v in inputs.models.items()}))
+        tracker.set_tags({"geco.gso_uri": lineage["gso_uri"], "geco.evaluate.primary_model": result.primary,
                           "geco.evaluate.leakage": "clean" if result.leakage["clean"] else result.leakage["detail"][:5000],
                           **{f"geco.checkpoint.{k}": v for k, v in inputs.models.items()},
                           **{f"geco.evaluate.unavailable.{k}": v[:5000] for k, v in result.unavailable.items()}})
@@ -708,5 +689,4 @@ def _track(cfg: GecoConfig, inputs: EvaluateInputs, result: EvaluateOutputs, sum
 
 
 __all__ = ["EvaluateError", "EvaluateOutputs", "ObjectEvaluator", "dag_models", "default_inputs", "demo_objects",
-           "git_commit",
            "list_gso", "render_ground_truth", "resolve_models", "run"]

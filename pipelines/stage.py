@@ -68,6 +68,17 @@ class EvaluateInputs:
     dataset_uri: str = ""
 
 
+@dataclass(frozen=True)
+class PseudoGTInputs:
+    """The pseudo_gt stage reads the render shards at ``dataset_uri`` and runs the teacher at
+    ``teacher_uri`` (a Zero123++ folder) and the reconstructor at ``reconstructor_uri`` (a
+    .safetensors file); ``""``: a tiny random model (tests only). Local paths are absolute."""
+
+    dataset_uri: str
+    teacher_uri: str = ""
+    reconstructor_uri: str = ""
+
+
 # ---------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The DAG end to end (`geco run`): render -> pretrain -> stage1 -> evaluate -> register on a tiny
-config, real Blender, a local Ray and a real MLflow server.
+"""The DAG end to end (`geco run`): render -> pretrain -> stage1 -> pseudo_gt -> evaluate -> register on
+a tiny config, real Blender, a local Ray and a real MLflow server.
 
 * one parent run `<name>/dag` with the stages as child runs (pretrain's per-model runs under
   pretrain's), per-stage seconds and a stage table on the parent, the final bundle URI as a tag;
@@ -7,7 +7,8 @@ config, real Blender, a local Ray and a real MLflow server.
 * every run carries the lineage tags (git commit, config hash, manifest URI and hash, input URIs);
   the final bundle is registered (candidate + production) and `geco generate --checkpoint
   models:/geco@production` works; with AWS credentials in the environment, nothing secret is logged;
-* a second `geco run` does no work: render renders nothing, every training job is already complete;
+* a second `geco run` does no work: render and pseudo_gt have nothing to do (and open no MLflow run),
+  every training job is already complete;
 * an unknown stage name is refused (exit 2) before any work; a failing stage marks the parent run
   FAILED and the error names the stage.
 """
@@ -46,7 +47,9 @@ def tiny_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
     return RENDER + MODELS + jobs + [
         f"dataset.uri={tmp_path / 'shards'}", f"cache.dir={tmp_path / 'cache'}",
         f"pretrain.output_uri={tmp_path / 'pretrained'}", "pretrain.concurrent=true", "pretrain.teacher.eval_steps=2",
-        f"stage1.output_uri={tmp_path / 'stage1'}",
+        f"stage1.output_uri={tmp_path / 'stage1'}", f"pseudo_gt.output_uri={tmp_path / 'pseudo_gt'}",
+        "pseudo_gt.steps=2", "pseudo_gt.num_views=8", "pseudo_gt.resolution=16", "pseudo_gt.batch_size=4",
+        "pseudo_gt.cpus_per_actor=0.5", "pseudo_gt.torch_threads=1",
         "stage1.lr_generator=1e-3", "stage1.lr_fake=2e-3", "stage1.eval_teacher_steps=2", "stage1.lora_rank=2",
         f"tracking.uri={tracking_uri}", "tracking.experiment=test-dag", "name=dag-test",
         f"evaluate.output_uri={tmp_path / 'evaluate'}", "evaluate.demo_objects=1", "evaluate.resolution=32",
@@ -97,8 +100,8 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     # the first run does everything
     first = dag.run(cfg)
     print(first.summary())
-    assert list(first.stages) == ["render", "pretrain", "stage1", "evaluate", "register"]
-    assert first.did_work == {"render": True, "pretrain": True, "stage1": True, "evaluate": True, "register": True}
+    assert list(first.stages) == ["render", "pretrain", "stage1", "pseudo_gt", "evaluate", "register"]
+    assert first.did_work == dict.fromkeys(first.stages, True)
     assert first["render"].rendered == 8 and first["render"].failed == 0
     assert set(first["pretrain"].results) == {"teacher", "reconstructor"}
     assert all(r.step == 4 and not r.already_complete for r in first["pretrain"].results.values())
@@ -108,6 +111,10 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     assert s1.teacher_uri == str(tmp_path / "pretrained" / "teacher")
     assert s1.reconstructor_uri == str(tmp_path / "pretrained" / "reconstructor" / "model.safetensors")
     assert first.bundle_uri == str(tmp_path / "stage1" / "bundle") and Path(first.bundle_uri, "geco.json").is_file()
+    # pseudo_gt runs the teacher and reconstructor stage 1 used, over every rendered object
+    pgt = first["pseudo_gt"]
+    assert (pgt.teacher_uri, pgt.reconstructor_uri) == (s1.teacher_uri, s1.reconstructor_uri)
+    assert pgt.computed == 8 and pgt.failed == 0 and pgt.pseudo_gt_uri == str(tmp_path / "pseudo_gt")
     summary = first.summary()
     assert f"geco generate IMAGE --checkpoint {first.bundle_uri}" in summary
     # evaluate: stage 1's bundle and the teacher it distilled, on a procedural GSO-layout object
@@ -123,7 +130,7 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     assert parent.data.tags["geco.bundle_uri"] == first.bundle_uri
     assert {f"seconds/{s}" for s in dag.STAGES} | {"seconds"} <= set(parent.data.metrics)
     kids = children(client, parent)
-    assert set(kids) == {"render", "pretrain", "stage1", "evaluate", "register"}
+    assert set(kids) == {"render", "pretrain", "stage1", "pseudo_gt", "evaluate", "register"}
     assert kids["evaluate"].data.metrics["gso/orbit/psnr"] == pytest.approx(ev.metrics["stage1"]["gso/orbit/psnr"])
     assert all(r.info.status == "FINISHED" for r in kids.values())
     assert kids["render"].data.metrics["rendered"] == 8
@@ -184,7 +191,8 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     capsys.readouterr()
     assert main(["run", "--config", str(conf)]) == 0
     printed = capsys.readouterr().out
-    assert "render: 0 rendered, 8 skipped" in printed, printed
+    assert "render: nothing to do; 0 rendered, 8 skipped" in printed, printed
+    assert "pseudo_gt: nothing to do; 0 computed, 8 skipped" in printed, printed
     assert printed.count("already complete") >= 3, printed  # teacher, reconstructor, stage1
     assert "register: nothing to do; models:/geco/1" in printed, printed
     second = client.get_run(runs_named(client, "dag-test/dag")[-1].info.run_id)
@@ -192,7 +200,7 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     assert {s: second.data.metrics[f"did_work/{s}"] for s in dag.STAGES} == dict.fromkeys(dag.STAGES, 0.0)
     assert second.data.tags["geco.bundle_uri"] == first.bundle_uri
     kids2 = children(client, second)
-    assert kids2["render"].data.metrics["rendered"] == 0
+    assert "render" not in kids2 and "pseudo_gt" not in kids2  # nothing to do: no MLflow run
     assert {r["did_work"] for r in stage_table(client, second, tmp_path).values()} == {False}
 
     # a failing stage: the parent run is FAILED and the error names the stage; earlier outputs stay
@@ -204,5 +212,6 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     failed = runs_named(client, "dag-test/dag")[-1]
     assert failed.info.status == "FAILED" and failed.data.tags["geco.dag.failed_stage"] == "stage1"
     assert failed.data.tags["geco.dag.stages"] == "render,stage1"
-    assert children(client, failed)["render"].info.status == "FINISHED"
+    assert "render" not in children(client, failed)  # render had nothing to do: no run of its own
+    assert stage_table(client, failed, tmp_path)["render"]["status"] == "done"
     assert Path(first.bundle_uri, "geco.json").is_file()
