@@ -9,7 +9,11 @@
        │ uris["teacher"], uris["reconstructor"]  (else models.*.pretrained)
        ▼
     stage1    Stage1Inputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris bundle / generator
-    (pseudo_gt -> stage2 -> evaluate: later stages, one more Step each)
+    (pseudo_gt: the pseudo-GT shards)
+       │ uris["bundle"] (stage1), uris["pseudo_gt"] (else pseudo_gt.output_uri)
+       ▼
+    stage2    Stage2Inputs(pseudo_gt_uri, bundle_uri) -> uris bundle / generator  (pipelines.stage2)
+    (evaluate -> register: later stages, one more Step each)
     parent run: seconds per stage (`seconds/<stage>`), a stage table (stages.json: output URIs,
     child run ids, whether the stage did any work), tags with the final bundle URI
 
@@ -35,11 +39,11 @@ from typing import Any, Callable
 
 from geco.config import ConfigError, GecoConfig
 from geco.tracking import start_run
-from pipelines.stage import PretrainInputs, Stage1Inputs, StageOutputs
+from pipelines.stage import PretrainInputs, Stage1Inputs, Stage2Inputs, StageOutputs
 
 log = logging.getLogger(__name__)
 
-STAGES = ("render", "pretrain", "stage1")  # in DAG order
+STAGES = ("render", "pretrain", "stage1", "stage2")  # in DAG order
 
 
 class StageFailed(RuntimeError):
@@ -144,11 +148,20 @@ def stage1_inputs(ctx: DagContext) -> Stage1Inputs:
                                            reconstructor=trained.get("reconstructor"))
 
 
+def stage2_inputs(ctx: DagContext) -> Stage2Inputs:
+    """What pseudo_gt and stage1 wrote in this run; otherwise :func:`pipelines.stage2.default_inputs`
+    (``pseudo_gt.output_uri``, ``<stage1.output_uri>/bundle``)."""
+    pgt = getattr(ctx.outputs.get("pseudo_gt"), "uris", {}).get("pseudo_gt")
+    bundle = getattr(ctx.outputs.get("stage1"), "bundle_uri", None)
+    return _stage("stage2").default_inputs(ctx.cfg, pseudo_gt=pgt, bundle=bundle)
+
+
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("render", lambda ctx: None, lambda cfg, _, parent: _stage("render").run(cfg, parent_run_id=parent)),
     Step("pretrain", pretrain_inputs, lambda cfg, inputs, parent: _stage("pretrain").run(cfg, inputs,
                                                                                         parent_run_id=parent)),
     Step("stage1", stage1_inputs, lambda cfg, inputs, parent: _stage("stage1").run(cfg, inputs, parent_run_id=parent)),
+    Step("stage2", stage2_inputs, lambda cfg, inputs, parent: _stage("stage2").run(cfg, inputs, parent_run_id=parent)),
 )}
 assert tuple(STEPS) == STAGES
 
@@ -193,6 +206,8 @@ def _check_cluster(cfg: GecoConfig, todo: list[str]) -> None:
         check_cluster(cfg, [f"pretrain.{t}" for t in targets], concurrent=cfg.pretrain.concurrent)
     if "stage1" in todo:
         check_cluster(cfg, ["stage1.train"])
+    if "stage2" in todo:
+        check_cluster(cfg, ["stage2.train"])
 
 
 def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
@@ -245,6 +260,8 @@ def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
                 progress(record.outputs.summary())
         s1 = ctx.outputs.get("stage1")
         outputs.bundle_uri = getattr(s1, "bundle_uri", None)
+        s2 = ctx.outputs.get("stage2")  # the fine-tuned bundle when stage 2 ran, else stage 1's
+        outputs.bundle_uri = getattr(s2, "bundle_uri", None) or outputs.bundle_uri
         outputs.seconds = time.perf_counter() - t0
         tracker.log_metrics({"seconds": outputs.seconds})
         log_table()
