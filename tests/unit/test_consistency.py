@@ -276,3 +276,31 @@ def test_evaluate_grid_and_export_a_bundle_generate_loads(tmp_path, bundle, nois
     assert all(torch.equal(v, source.reconstructor.state_dict()[k]) for k, v in b.reconstructor.state_dict().items())
     result = generate(b, task.prepare(rows[:1])["cond"][0], seed=1)[0]
     assert result.views.shape == (6, 3, TILE, TILE) and len(result.gaussians) > 0
+
+
+# ------------------------------------------------------------------------------------------
+# where the inputs come from (the DAG, the CLI's defaults)
+# ------------------------------------------------------------------------------------------
+def test_stage2_inputs_follow_the_dag(tmp_path, bundle):
+    from pipelines.dag import STAGES, DagContext, stage2_inputs
+    from pipelines.stage import StageOutputs
+    from pipelines.stage1 import Stage1Outputs
+    from pipelines.stage2 import default_inputs
+    from pipelines.training import TrainSetupError
+
+    assert STAGES.index("stage2") > STAGES.index("stage1")
+    cfg = load_config(None, [f"stage1.output_uri={tmp_path / 'nothing'}"])
+    pgt = StageOutputs(stage="pseudo_gt", uris={"pseudo_gt": str(tmp_path / "pgt")})
+    s1 = Stage1Outputs(uris={"bundle": bundle})
+    ctx = DagContext(cfg=cfg, parent_run_id=None, stages=["stage2"], outputs={"pseudo_gt": pgt, "stage1": s1})
+    inputs = stage2_inputs(ctx)
+    assert (inputs.pseudo_gt_uri, inputs.bundle_uri) == (str(tmp_path / "pgt"), bundle)
+    assert inputs.task_inputs() == {"bundle": bundle}
+    # nothing ran before it: the configured places; a stage-1 output without a bundle is one line
+    with pytest.raises(TrainSetupError, match=r"^stage1.output_uri \(its bundle/\)=.*nothing/bundle: .*no such "
+                                              r"checkpoint folder; run `geco train stage1` first"):
+        stage2_inputs(DagContext(cfg=cfg, parent_run_id=None, stages=["stage2"]))
+    cfg = load_config(None, [f"stage1.output_uri={bundle[:-len('/bundle')]}", "dataset.uri=relative/shards"])
+    inputs = default_inputs(cfg)
+    assert inputs.bundle_uri == bundle and inputs.pseudo_gt_uri.endswith("/relative/shards")
+    assert default_inputs(cfg, pseudo_gt="s3://b/pgt").pseudo_gt_uri == "s3://b/pgt"
