@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from geco.config import load_config
@@ -111,7 +112,7 @@ def test_stage2_trains_tracks_exports_and_reruns_for_free(tmp_path, pseudo_gt, b
     assert grids == {f"samples/step_{s:08d}.png" for s in (0, 2, 4)}
 
     b = load_bundle(out.bundle_uri)  # what `geco generate --checkpoint` loads
-    res = generate(b, __import__("torch").rand(3, 32, 32), seed=0)[0]
+    res = generate(b, torch.rand(3, 32, 32), seed=0)[0]
     assert res.views.shape[0] == 6 and len(res.gaussians) > 0
 
     again = stage2.run(cfg, inputs)
