@@ -6,6 +6,7 @@
     geco models init-tiny DEST [--set k=v ...]                  # a tiny random checkpoint bundle
     geco train pretrain|stage1 --config configs/local.yaml [--set k=v ...]   # Ray Train (resumes)
     geco pseudo-gt --config configs/local.yaml [--data URI] [--output URI] [--teacher URI] [--reconstructor URI]
+    geco train stage2 --config configs/local.yaml [--pseudo-gt URI] [--bundle URI]   # 3D consistency
     geco run --config configs/local.yaml [--set k=v ...] [--stages render,pretrain]  # the whole DAG
     geco report RESULTS_DIR                                     # re-write an evaluation's report page
     geco register BUNDLE_URI [--metrics FILE.json [--model NAME]] --config ...  # a model version + aliases
@@ -320,13 +321,24 @@ def _add_train_parser(sub) -> None:
                     "pretrained, else pretrain.output_uri's teacher when there)")
     s1.add_argument("--reconstructor", metavar="URI", help="reconstructor .safetensors or pretrain output (default: "
                     "models.reconstructor.pretrained, else pretrain.output_uri's when there)")
+    _add_train_stage2_parser(tsub)
+
+
+def _add_train_stage2_parser(tsub) -> None:
+    s2 = tsub.add_parser("stage2", help="stage 2: 3D-consistency fine-tuning of the generator against pseudo-GT")
+    _add_config_args(s2)
+    s2.add_argument("--pseudo-gt", metavar="URI", help="pseudo-GT shards dir or s3:// prefix (default: "
+                    "pseudo_gt.output_uri; render shards work too)")
+    s2.add_argument("--bundle", metavar="URI", help="stage 1's GECO checkpoint: folder, s3:// or MLflow URI "
+                    "(default: <stage1.output_uri>/bundle)")
+    s2.add_argument("--output", "-o", metavar="URI", help="where the generator and bundle go (overrides stage2.output_uri)")
 
 
 def _train_main(args) -> int:
     import importlib
 
     overrides = list(args.overrides)
-    if args.data:
+    if getattr(args, "data", None):
         overrides.append(f"dataset.uri={args.data}")
     if getattr(args, "output", None):
         overrides.append(f"{args.train_stage}.output_uri={args.output}")
@@ -341,6 +353,8 @@ def _train_main(args) -> int:
         kwargs = {"targets": args.only} if args.train_stage == "pretrain" and args.only else {}
         if args.train_stage == "stage1":
             kwargs["inputs"] = stage.default_inputs(cfg, teacher=args.teacher, reconstructor=args.reconstructor)
+        if args.train_stage == "stage2":
+            kwargs["inputs"] = stage.default_inputs(cfg, pseudo_gt=args.pseudo_gt, bundle=args.bundle)
         result = stage.run(cfg, **kwargs)
         _print_summary(result.summary())
         return 0

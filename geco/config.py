@@ -608,6 +608,40 @@ class PseudoGTConfig(_FiniteStrict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class Stage2TrainConfig(TrainJobConfig):
+    """The stage-2 Ray Train job: TrainJobConfig with the paper's stage-2 values as defaults (a
+    subclass, so that a partial `stage2.train` section in a file keeps them). PAPER.md "Stage 2":
+    AdamW lr 1e-6, weight decay 0.05, betas 0.9/0.95 (v1 code), batch 4 on 4 GPUs, 5 epochs."""
+
+    # 5 epochs of the ~46K LVIS objects (PAPER.md "Data") at 4 objects per step: 46,000 x 5 / 4
+    steps: int = Field(57500, ge=0)
+    # PAPER.md: batch 4 on 4x L40 -> 1 object per GPU worker (num_workers 4: configs/paper.yaml)
+    batch_size: int = Field(1, ge=1)
+    lr: float = Field(1e-6, gt=0)  # PAPER.md: lr 1e-6 (AdamW)
+    weight_decay: float = Field(0.05, ge=0)  # GECO v1 code: AdamW weight decay 0.05
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # GECO v1 code: betas (0.9, 0.95)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # not in PAPER.md: a constant lr
+    gradient_checkpointing: bool = True  # on the generator's UNet (real scale)
+
+
+class Stage2Config(_Strict):
+    """The `stage2` stage: 3D-consistency fine-tuning of the stage-1 generator through the frozen
+    reconstructor and the rasterizer against pseudo ground truth (PAPER.md "Stage 2")."""
+
+    # Where the pseudo-GT shards and the stage-1 bundle come from is not configured here: they are the
+    # stage's inputs (pipelines.stage.Stage2Inputs) - what pseudo_gt and stage1 wrote, or
+    # `geco train stage2 --pseudo-gt URI --bundle URI`.
+    output_uri: str = "outputs/stage2"  # generator/ and bundle/ (the GECO checkpoint `geco generate` loads)
+    log_weights: bool = True  # log the exported bundle as MLflow artifacts (weights/bundle)
+    train: Stage2TrainConfig = Stage2TrainConfig()  # the Ray Train job (AdamW, schedule, checkpoints, workers)
+    views_per_step: int = Field(4, ge=1)  # PAPER.md: 4 random views of the sample's 50 per object (v1 code: 12)
+    lambda_lpips: float = Field(1.0, ge=0)  # LPIPS(VGG) weight (LGM's 1.0); the term is off, with a warning, without weights
+    render_size: int = Field(0, ge=0)  # supervision side in px, views resized to it (0: the sample's smallest view)
+    # True: the generator starts from the noise the teacher sampled the pseudo-GT from (noise.npy; a
+    # fixed noise per object, seeded by its key, where a sample has none); False: fresh noise every step
+    use_saved_noise: bool = True
+
+
 class GecoConfig(_Strict):
     """The whole DAG in one flat config; each stage reads the sections it needs."""
 
@@ -625,6 +659,7 @@ class GecoConfig(_Strict):
     registry: RegistryConfig = RegistryConfig()  # the `register` stage: model versions + aliases
     evaluate: EvaluateConfig = EvaluateConfig()  # the GSO evaluation (PSNR/SSIM/LPIPS, CD/vIoU/F-score, seconds)
     pseudo_gt: PseudoGTConfig = PseudoGTConfig()  # teacher -> reconstructor -> rendered views, for stage 2
+    stage2: Stage2Config = Stage2Config()  # 3D-consistency fine-tuning of the generator
 
     @field_validator("name")
     @classmethod

@@ -12,7 +12,9 @@
        │ uris["bundle"]; the teacher / reconstructor stage 1 used
        ▼
     pseudo_gt PseudoGTInputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris pseudo_gt (pipelines.pseudo_gt)
-    (stage2: a later stage, one more Step)
+       │ uris["bundle"] (stage1), uris["pseudo_gt"] (else pseudo_gt.output_uri)
+       ▼
+    stage2    Stage2Inputs(pseudo_gt_uri, bundle_uri) -> uris bundle / generator  (pipelines.stage2)
        │ uris["bundle"] (stage1, stage2), the distilled teacher, the shards
        ▼
     evaluate  EvaluateInputs(models {stage1, stage2, teacher, teacher_1step}, dataset_uri)
@@ -47,11 +49,19 @@ from typing import Any, Callable
 
 from geco.config import ConfigError, GecoConfig
 from geco.tracking import lineage_tags, start_run
-from pipelines.stage import EvaluateInputs, PretrainInputs, PseudoGTInputs, RegisterInputs, Stage1Inputs, StageOutputs
+from pipelines.stage import (
+    EvaluateInputs,
+    PretrainInputs,
+    PseudoGTInputs,
+    RegisterInputs,
+    Stage1Inputs,
+    Stage2Inputs,
+    StageOutputs,
+)
 
 log = logging.getLogger(__name__)
 
-STAGES = ("render", "pretrain", "stage1", "pseudo_gt", "evaluate", "register")  # in DAG order
+STAGES = ("render", "pretrain", "stage1", "pseudo_gt", "stage2", "evaluate", "register")  # in DAG order
 
 
 class StageFailed(RuntimeError):
@@ -209,6 +219,14 @@ def register_inputs(ctx: DagContext) -> RegisterInputs:
                           evaluate_run_id=getattr(evaluate, "mlflow_run_id", None), lineage=lineage)
 
 
+def stage2_inputs(ctx: DagContext) -> Stage2Inputs:
+    """What pseudo_gt and stage1 wrote in this run; otherwise :func:`pipelines.stage2.default_inputs`
+    (``pseudo_gt.output_uri``, ``<stage1.output_uri>/bundle``)."""
+    pgt = getattr(ctx.outputs.get("pseudo_gt"), "uris", {}).get("pseudo_gt")
+    bundle = getattr(ctx.outputs.get("stage1"), "bundle_uri", None)
+    return _stage("stage2").default_inputs(ctx.cfg, pseudo_gt=pgt, bundle=bundle)
+
+
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("render", lambda ctx: None, lambda cfg, _, parent: _stage("render").run(cfg, parent_run_id=parent)),
     Step("pretrain", pretrain_inputs, lambda cfg, inputs, parent: _stage("pretrain").run(cfg, inputs,
@@ -216,6 +234,7 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("stage1", stage1_inputs, lambda cfg, inputs, parent: _stage("stage1").run(cfg, inputs, parent_run_id=parent)),
     Step("pseudo_gt", pseudo_gt_inputs,
          lambda cfg, inputs, parent: _stage("pseudo_gt").run(cfg, inputs, parent_run_id=parent)),
+    Step("stage2", stage2_inputs, lambda cfg, inputs, parent: _stage("stage2").run(cfg, inputs, parent_run_id=parent)),
     Step("evaluate", evaluate_inputs, lambda cfg, inputs, parent: _stage("evaluate").run(cfg, inputs,
                                                                                         parent_run_id=parent)),
     Step("register", register_inputs, lambda cfg, inputs, parent: _stage("register").run(cfg, inputs,
@@ -264,6 +283,8 @@ def _check_cluster(cfg: GecoConfig, todo: list[str]) -> None:
         check_cluster(cfg, [f"pretrain.{t}" for t in targets], concurrent=cfg.pretrain.concurrent)
     if "stage1" in todo:
         check_cluster(cfg, ["stage1.train"])
+    if "stage2" in todo:
+        check_cluster(cfg, ["stage2.train"])
 
 
 def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
@@ -322,6 +343,8 @@ def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
         s1 = ctx.outputs.get("stage1")
         outputs.bundle_uri = getattr(s1, "bundle_uri", None)
         outputs.model_uri = getattr(ctx.outputs.get("register"), "model_uri", None)
+        s2 = ctx.outputs.get("stage2")  # the fine-tuned bundle when stage 2 ran, else stage 1's
+        outputs.bundle_uri = getattr(s2, "bundle_uri", None) or outputs.bundle_uri
         outputs.seconds = time.perf_counter() - t0
         tracker.log_metrics({"seconds": outputs.seconds})
         log_table()

@@ -79,6 +79,20 @@ class PseudoGTInputs:
     reconstructor_uri: str = ""
 
 
+@dataclass(frozen=True)
+class Stage2Inputs:
+    """Stage 2 fine-tunes the generator of the GECO bundle at ``bundle_uri`` (stage 1's; its
+    reconstructor stays frozen) against the pseudo-GT shards at ``pseudo_gt_uri`` (render shards
+    work too: the same schema). Local paths are absolute."""
+
+    pseudo_gt_uri: str
+    bundle_uri: str
+
+    def task_inputs(self) -> dict[str, str]:
+        """What :class:`geco.train.stage2.Stage2Task` receives as ``inputs``."""
+        return {"bundle": self.bundle_uri}
+
+
 # ---------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------

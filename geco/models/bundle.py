@@ -65,6 +65,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MissingUNet",
     "TINY_MODELS",
+    "bundle_fingerprint",
     "check_bundle",
     "init_tiny_bundle",
     "load_bundle",
@@ -415,6 +416,21 @@ def resolve_checkpoint(uri: str | os.PathLike, cache_dir: str | os.PathLike | No
         raise _not_a_checkpoint(where, root)
     check_bundle(root)
     return root
+
+
+def bundle_fingerprint(uri: str) -> str:
+    """What identifies the bundle at ``uri`` without loading it: ``<uri>#<bundle_id>`` for a local
+    folder or an ``s3://`` prefix (a new id per save, so a bundle saved again at the same place
+    differs), the URI itself for MLflow URIs or where no ``geco.json`` can be read. For run names
+    of stages trained from a bundle (a re-trained input must not resume the old run)."""
+    uri = str(uri).strip()
+    if not uri or uri.startswith(MLFLOW_SCHEMES):
+        return uri
+    try:
+        manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
+    except Exception:  # noqa: BLE001 - unreadable here: the URI alone (loading reports the problem)
+        return uri
+    return f"{uri}#{manifest.get('bundle_id') or manifest.get('created', '')}"
 
 
 # ================================================================================================

@@ -1,5 +1,5 @@
-"""The DAG end to end (`geco run`): render -> pretrain -> stage1 -> pseudo_gt -> evaluate -> register on
-a tiny config, real Blender, a local Ray and a real MLflow server.
+"""The DAG end to end (`geco run`): render -> pretrain -> stage1 -> pseudo_gt -> stage2 -> evaluate ->
+register on a tiny config, real Blender, a local Ray and a real MLflow server.
 
 * one parent run `<name>/dag` with the stages as child runs (pretrain's per-model runs under
   pretrain's), per-stage seconds and a stage table on the parent, the final bundle URI as a tag;
@@ -42,12 +42,13 @@ JOB = {"steps": 4, "batch_size": 2, "log_every": 1, "cpus_per_worker": 0.5, "tor
 
 
 def tiny_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
-    jobs = [f"{section}.{k}={v}" for section in ("pretrain.teacher", "pretrain.reconstructor", "stage1.train")
+    jobs = [f"{section}.{k}={v}" for section in ("pretrain.teacher", "pretrain.reconstructor", "stage1.train", "stage2.train")
             for k, v in {**JOB, "storage_path": tmp_path / "train"}.items()]
     return RENDER + MODELS + jobs + [
         f"dataset.uri={tmp_path / 'shards'}", f"cache.dir={tmp_path / 'cache'}",
         f"pretrain.output_uri={tmp_path / 'pretrained'}", "pretrain.concurrent=true", "pretrain.teacher.eval_steps=2",
-        f"stage1.output_uri={tmp_path / 'stage1'}", f"pseudo_gt.output_uri={tmp_path / 'pseudo_gt'}",
+        f"stage1.output_uri={tmp_path / 'stage1'}", f"stage2.output_uri={tmp_path / 'stage2'}", "stage2.views_per_step=2",
+        f"pseudo_gt.output_uri={tmp_path / 'pseudo_gt'}",
         "pseudo_gt.steps=2", "pseudo_gt.num_views=8", "pseudo_gt.resolution=16", "pseudo_gt.batch_size=4",
         "pseudo_gt.cpus_per_actor=0.5", "pseudo_gt.torch_threads=1",
         "stage1.lr_generator=1e-3", "stage1.lr_fake=2e-3", "stage1.eval_teacher_steps=2", "stage1.lora_rank=2",
@@ -100,7 +101,7 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     # the first run does everything
     first = dag.run(cfg)
     print(first.summary())
-    assert list(first.stages) == ["render", "pretrain", "stage1", "pseudo_gt", "evaluate", "register"]
+    assert list(first.stages) == ["render", "pretrain", "stage1", "pseudo_gt", "stage2", "evaluate", "register"]
     assert first.did_work == dict.fromkeys(first.stages, True)
     assert first["render"].rendered == 8 and first["render"].failed == 0
     assert set(first["pretrain"].results) == {"teacher", "reconstructor"}
@@ -110,16 +111,21 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     # models.*.pretrained are "" (no weights): the DAG feeds stage 1 what pretrain trained, as its inputs
     assert s1.teacher_uri == str(tmp_path / "pretrained" / "teacher")
     assert s1.reconstructor_uri == str(tmp_path / "pretrained" / "reconstructor" / "model.safetensors")
-    assert first.bundle_uri == str(tmp_path / "stage1" / "bundle") and Path(first.bundle_uri, "geco.json").is_file()
+    assert s1.bundle_uri == str(tmp_path / "stage1" / "bundle") and Path(s1.bundle_uri, "geco.json").is_file()
     # pseudo_gt runs the teacher and reconstructor stage 1 used, over every rendered object
     pgt = first["pseudo_gt"]
     assert (pgt.teacher_uri, pgt.reconstructor_uri) == (s1.teacher_uri, s1.reconstructor_uri)
     assert pgt.computed == 8 and pgt.failed == 0 and pgt.pseudo_gt_uri == str(tmp_path / "pseudo_gt")
+    # stage 2 fine-tunes stage 1's bundle on the pseudo-GT; its bundle is the DAG's final one
+    s2 = first["stage2"]
+    assert s2.result.step == 4 and not s2.result.already_complete
+    assert first.bundle_uri == s2.bundle_uri == str(tmp_path / "stage2" / "bundle")
+    assert Path(first.bundle_uri, "geco.json").is_file()
     summary = first.summary()
     assert f"geco generate IMAGE --checkpoint {first.bundle_uri}" in summary
-    # evaluate: stage 1's bundle and the teacher it distilled, on a procedural GSO-layout object
+    # evaluate: both stages' bundles and the teacher stage 1 distilled, on a procedural GSO-layout object
     ev = first["evaluate"]
-    assert set(ev.metrics) == {"teacher", "teacher_1step", "stage1"} and ev.primary == "stage1"
+    assert set(ev.metrics) == {"teacher", "teacher_1step", "stage1", "stage2"} and ev.primary == "stage2"
     assert ev.leakage["clean"] and ev.metrics["stage1"]["gso/orbit/psnr"] > 0
     assert f"evaluation: {ev.uris.get('report') or ev.uris['results']}" in summary
     assert all(f"  {s} " in summary for s in dag.STAGES)
@@ -130,16 +136,17 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     assert parent.data.tags["geco.bundle_uri"] == first.bundle_uri
     assert {f"seconds/{s}" for s in dag.STAGES} | {"seconds"} <= set(parent.data.metrics)
     kids = children(client, parent)
-    assert set(kids) == {"render", "pretrain", "stage1", "pseudo_gt", "evaluate", "register"}
-    assert kids["evaluate"].data.metrics["gso/orbit/psnr"] == pytest.approx(ev.metrics["stage1"]["gso/orbit/psnr"])
+    assert set(kids) == {"render", "pretrain", "stage1", "pseudo_gt", "stage2", "evaluate", "register"}
+    assert kids["evaluate"].data.metrics["gso/orbit/psnr"] == pytest.approx(ev.metrics["stage2"]["gso/orbit/psnr"])
     assert all(r.info.status == "FINISHED" for r in kids.values())
     assert kids["render"].data.metrics["rendered"] == 8
     grandkids = children(client, kids["pretrain"])
     assert set(grandkids) == {"pretrain/teacher", "pretrain/reconstructor"}
-    assert kids["stage1"].data.tags["geco.bundle_uri"] == first.bundle_uri
+    assert kids["stage1"].data.tags["geco.bundle_uri"] == s1.bundle_uri
     table = stage_table(client, parent, tmp_path)
     assert [table[s]["status"] for s in dag.STAGES] == ["done"] * len(dag.STAGES)
-    assert json.loads(table["stage1"]["outputs"])["bundle"] == first.bundle_uri
+    assert json.loads(table["stage1"]["outputs"])["bundle"] == s1.bundle_uri
+    assert json.loads(table["stage2"]["outputs"])["bundle"] == first.bundle_uri
     assert json.loads(table["pretrain"]["mlflow_runs"]) == {
         "pretrain": kids["pretrain"].info.run_id, "pretrain/teacher": grandkids["pretrain/teacher"].info.run_id,
         "pretrain/reconstructor": grandkids["pretrain/reconstructor"].info.run_id}
@@ -162,14 +169,14 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     assert kids["stage1"].data.tags["geco.input.reconstructor"] == s1.reconstructor_uri
     assert kids["register"].data.tags["geco.input.bundle"] == first.bundle_uri
 
-    # the final bundle is registered from stage 1's logged copy: candidate and production (the first one)
+    # the final bundle is registered from stage 2's logged copy: candidate and production (the first one)
     reg = first["register"]
     assert first.model_uri == reg.model_uri == "models:/geco/1" and reg.aliases == ["candidate", "production"]
-    assert reg.source == f"runs:/{kids['stage1'].info.run_id}/weights/bundle"
+    assert reg.source == f"runs:/{kids['stage2'].info.run_id}/weights/bundle"
     assert f"model:  {reg.model_uri}" in first.summary()
     version = client.get_model_version("geco", "1")
     assert version.tags["geco.lineage.dag_run_id"] == parent.info.run_id
-    assert version.tags["geco.lineage.bundle_run_id"] == kids["stage1"].info.run_id
+    assert version.tags["geco.lineage.bundle_run_id"] == kids["stage2"].info.run_id
 
     # the bundle works with `geco generate`, from its folder and from the registry
     img = np.zeros((40, 40, 4), np.uint8)
@@ -193,7 +200,7 @@ def test_dag_runs_tracks_reruns_for_free_and_refuses_bad_stages(tmp_path, ray_lo
     printed = capsys.readouterr().out
     assert "render: nothing to do; 0 rendered, 8 skipped" in printed, printed
     assert "pseudo_gt: nothing to do; 0 computed, 8 skipped" in printed, printed
-    assert printed.count("already complete") >= 3, printed  # teacher, reconstructor, stage1
+    assert printed.count("already complete") >= 4, printed  # teacher, reconstructor, stage1, stage2
     assert "register: nothing to do; models:/geco/1" in printed, printed
     second = client.get_run(runs_named(client, "dag-test/dag")[-1].info.run_id)
     assert second.info.run_id != parent.info.run_id and second.info.status == "FINISHED"
