@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test test-fast bench gpu-wheels lint clean
+.PHONY: install demo test test-fast bench gpu-wheels lint clean stack
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[render,dev]'
 	touch $@
 
-demo: install  # the whole DAG (render -> pretrain -> stage1) on the embedded default; re-running is free
+demo: install  # the whole DAG (render -> pretrain -> stage1 -> stage2) on the embedded default; re-running is free
 	$(VENV)/bin/geco run --config configs/local.yaml
 
 test: install
@@ -38,3 +38,16 @@ lint: install
 
 clean:
 	rm -rf outputs mlruns.db mlruns mlartifacts .pytest_cache
+
+# The evaluation report's 3D viewer (geco/eval/viewer): `npm ci` of its pinned package-lock.json, then one
+# esbuild bundle (dist/geco-viewer.js) that geco.eval.report copies into each report. Needs Node.js >= 18 + npm.
+VIEWER := geco/eval/viewer
+install: $(VIEWER)/dist/geco-viewer.js
+.PHONY: viewer
+viewer: $(VIEWER)/dist/geco-viewer.js
+$(VIEWER)/dist/geco-viewer.js: $(VIEWER)/package.json $(VIEWER)/package-lock.json $(VIEWER)/src/viewer.js
+	@command -v npm >/dev/null || { echo "make: npm (Node.js >= 18) is needed to build the report's 3D viewer (e.g. apt-get install nodejs npm)"; exit 1; }
+	cd $(VIEWER) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && npm run --silent build
+
+stack: install  # S3 (SeaweedFS) + MLflow on 127.0.0.1 for development, the servers the tests use; Ctrl-C stops them
+	$(PY) -m infra.stack $(if $(RAY),--ray)

@@ -5,7 +5,12 @@
     geco generate IMAGE [IMAGE ...] --checkpoint URI -o OUTDIR [--seed S] [--num-samples K] [--device cpu|cuda]
     geco models init-tiny DEST [--set k=v ...]                  # a tiny random checkpoint bundle
     geco train pretrain|stage1 --config configs/local.yaml [--set k=v ...]   # Ray Train (resumes)
+    geco pseudo-gt --config configs/local.yaml [--data URI] [--output URI] [--teacher URI] [--reconstructor URI]
+    geco train stage2 --config configs/local.yaml [--pseudo-gt URI] [--bundle URI]   # 3D consistency
     geco run --config configs/local.yaml [--set k=v ...] [--stages render,pretrain]  # the whole DAG
+    geco report RESULTS_DIR                                     # re-write an evaluation's report page
+    geco register BUNDLE_URI [--metrics FILE.json [--model NAME]] --config ...  # a model version + aliases
+    geco evaluate --checkpoint stage1=URI [--checkpoint teacher=URI ...] [--gso FOLDER] [--dataset URI]  # GSO metrics
 
 The command line sits above both ``geco/`` (the library) and ``pipelines/`` (Ray). Stages that need
 Ray or torch are imported lazily so ``geco --help`` stays fast.
@@ -51,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_models_parser(sub)
     _add_train_parser(sub)
     _add_run_parser(sub)
+    _add_report_parser(sub)
+    _add_register_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_pseudo_gt_parser(sub)
     return ap
 
 
@@ -87,6 +96,111 @@ def _run_main(args) -> int:
         return code
 
 
+def _add_register_parser(sub) -> None:
+    r = sub.add_parser("register", help="register a GECO bundle in the MLflow model registry with its GSO metrics; "
+                                        "alias candidate, and production unless the metrics regress")
+    _add_config_args(r)
+    r.add_argument("bundle", metavar="BUNDLE_URI", help="GECO checkpoint: local folder, s3:// prefix, runs:/<id>/<path>")
+    r.add_argument("--metrics", metavar="FILE", help="JSON: {\"gso/<view set>/<metric>\": value, ...}, or an evaluation "
+                                                      "summary.json ({\"metrics\": {model: {...}}}, pick one with --model)")
+    r.add_argument("--model", metavar="NAME", help="which model's metrics to take from a summary.json")
+    r.add_argument("--evaluate-run", metavar="RUN_ID", help="the MLflow run the metrics come from (recorded on the version)")
+
+
+def _read_metrics(path: str | None, model: str | None) -> dict:
+    """The metrics a ``--metrics`` file gives (flat, or one model's in an evaluation summary)."""
+    import json
+    from pathlib import Path
+
+    from geco.registry import RegistryError
+
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise RegistryError(f"--metrics {path}: cannot read it as JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+        models = data["metrics"]
+        if model is None and len(models) == 1:
+            model = next(iter(models))
+        if model not in models:
+            raise RegistryError(f"--metrics {path}: an evaluation summary with models {', '.join(sorted(models))}; "
+                                "choose one with --model NAME")
+        data = models[model]
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise RegistryError(f"--metrics {path}: expected a JSON object of metric name -> number")
+    bad = [k for k, v in data.items() if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+    if bad:
+        raise RegistryError(f"--metrics {path}: not a number: {', '.join(bad[:5])} (null means unavailable)")
+    return data
+
+
+def _register_main(args) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        metrics = _read_metrics(args.metrics, args.model)
+        from pipelines import register
+        from pipelines.stage import RegisterInputs
+
+        result = register.run(cfg, RegisterInputs(bundle_uri=args.bundle, metrics=metrics,
+                                                  evaluate_run_id=args.evaluate_run))
+        print(result.summary())
+        return 0
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except Exception as e:  # one line for errors users cause; tracebacks for bugs
+        code = _report_failure(e, str(e), "register")
+        if code is None:
+            raise
+        return code
+
+
+def _add_evaluate_parser(sub) -> None:
+    e = sub.add_parser("evaluate", help="the GSO evaluation of checkpoints: PSNR/SSIM/LPIPS, CD/vIoU/F-score, "
+                                        "seconds per object -> results folder, report, MLflow run")
+    _add_config_args(e)
+    e.add_argument("--checkpoint", action="append", default=[], metavar="NAME=URI",
+                   help="a model under test (repeatable): NAME is teacher, teacher_1step, stage1 or stage2; URI a "
+                        "GECO bundle (local, s3://, runs:/..., models:/name@alias; teachers also a Zero123++ folder "
+                        "or pretrain output). Default: evaluate.models")
+    e.add_argument("--gso", metavar="FOLDER", help="Google Scanned Objects folder, local or s3:// (overrides "
+                   "evaluate.gso_uri; default: a few procedural objects in the GSO layout)")
+    e.add_argument("--objects", metavar="A,B", help="object folder names (overrides evaluate.objects; default all)")
+    e.add_argument("--dataset", metavar="URI", help="the training shards, for the leakage check (default: dataset.uri)")
+    e.add_argument("--output", "-o", metavar="URI", help="results and ground-truth cache (overrides evaluate.output_uri)")
+
+
+def _evaluate_main(args) -> int:
+    overrides = list(args.overrides)
+    if args.gso:
+        overrides.append(f"evaluate.gso_uri={args.gso}")
+    if args.objects:
+        overrides.append(f"evaluate.objects=[{', '.join(n.strip() for n in args.objects.split(',') if n.strip())}]")
+    if args.output:
+        overrides.append(f"evaluate.output_uri={args.output}")
+    models: dict[str, str] = {}
+    for item in args.checkpoint:
+        name, sep, uri = item.partition("=")
+        if not sep or not name.strip() or not uri.strip():
+            return _fail(f"--checkpoint {item!r}: expected NAME=URI, e.g. --checkpoint stage1=outputs/stage1/bundle")
+        models[name.strip()] = uri.strip()
+    try:
+        cfg = load_config(args.config, overrides)
+        from pipelines import evaluate
+
+        result = evaluate.run(cfg, evaluate.default_inputs(cfg, models, args.dataset))
+        _print_summary(result.summary())
+        return 0
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except Exception as e:  # one line for errors users cause; tracebacks for bugs
+        code = _report_failure(e, str(e), "evaluate")
+        if code is None:
+            raise
+        return code
+
+
 def _fail(message: str) -> int:
     """Say why on one line of stderr (a YAML parser's or a library's message may span several) -> 2."""
     print("geco: " + " ".join(str(message).split()), file=sys.stderr)
@@ -98,16 +212,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # imported here, not at the top: these modules pull in torch (pipelines.render, geco.generate),
     # and `geco --help` / `geco config` must not wait for it
     from geco.generate import GenerateError
+    from geco.lease import LeaseError
     from geco.models.bundle import CheckpointError
+    from geco.pseudo_gt import PseudoGTSetupError
+    from geco.registry import RegistryError
     from geco.sources import SourceError
     from geco.storage import StorageError
     from geco.weights import WeightsImportError
     from pipelines.cluster import RayStartError
+    from pipelines.evaluate import EvaluateError
+    from pipelines.pseudo_gt import PseudoGTFailed
     from pipelines.render import RenderAborted
     from pipelines.training import TrainSetupError
 
     return (ConfigError, StorageError, FileNotFoundError, FileExistsError, SourceError, TrainSetupError,
-            RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError)
+            RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError, RegistryError,
+            LeaseError, EvaluateError, PseudoGTSetupError, PseudoGTFailed)
 
 
 def _training_failed(err: BaseException, stage: str) -> str | None:
@@ -169,6 +289,22 @@ def _print_summary(summary: str) -> None:
             print(f"  ray logs: {folder} ({DRIVER_LOG}; workers: worker-*.out|err)")
 
 
+def _add_report_parser(sub) -> None:
+    r = sub.add_parser("report", help="(re-)write an evaluation results folder's report page (RESULTS_DIR/report/"
+                                      "index.html + report.md) and print its path")
+    r.add_argument("results_dir", metavar="RESULTS_DIR", help="the folder the evaluation wrote (holds summary.json)")
+
+
+def _report_main(args) -> int:
+    from geco.eval.report import ReportError, write_report
+
+    try:
+        print(write_report(args.results_dir))
+        return 0
+    except ReportError as e:
+        return _fail(str(e))
+
+
 def _add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train with Ray Train (re-running resumes from the latest checkpoint)")
     tsub = t.add_subparsers(dest="train_stage", required=True)
@@ -185,13 +321,24 @@ def _add_train_parser(sub) -> None:
                     "pretrained, else pretrain.output_uri's teacher when there); `tiny`: a tiny random one (tests)")
     s1.add_argument("--reconstructor", metavar="URI", help="reconstructor .safetensors or pretrain output (default: "
                     "models.reconstructor.pretrained, else pretrain.output_uri's when there)")
+    _add_train_stage2_parser(tsub)
+
+
+def _add_train_stage2_parser(tsub) -> None:
+    s2 = tsub.add_parser("stage2", help="stage 2: 3D-consistency fine-tuning of the generator against pseudo-GT")
+    _add_config_args(s2)
+    s2.add_argument("--pseudo-gt", metavar="URI", help="pseudo-GT shards dir or s3:// prefix (default: "
+                    "pseudo_gt.output_uri; render shards work too)")
+    s2.add_argument("--bundle", metavar="URI", help="stage 1's GECO checkpoint: folder, s3:// or MLflow URI "
+                    "(default: <stage1.output_uri>/bundle)")
+    s2.add_argument("--output", "-o", metavar="URI", help="where the generator and bundle go (overrides stage2.output_uri)")
 
 
 def _train_main(args) -> int:
     import importlib
 
     overrides = list(args.overrides)
-    if args.data:
+    if getattr(args, "data", None):
         overrides.append(f"dataset.uri={args.data}")
     if getattr(args, "output", None):
         overrides.append(f"{args.train_stage}.output_uri={args.output}")
@@ -206,6 +353,8 @@ def _train_main(args) -> int:
         kwargs = {"targets": args.only} if args.train_stage == "pretrain" and args.only else {}
         if args.train_stage == "stage1":
             kwargs["inputs"] = stage.default_inputs(cfg, teacher=args.teacher, reconstructor=args.reconstructor)
+        if args.train_stage == "stage2":
+            kwargs["inputs"] = stage.default_inputs(cfg, pseudo_gt=args.pseudo_gt, bundle=args.bundle)
         result = stage.run(cfg, **kwargs)
         _print_summary(result.summary())
         return 0
@@ -213,6 +362,42 @@ def _train_main(args) -> int:
         return _fail(f"config error: {e}")
     except Exception as e:  # one line for errors users cause; tracebacks for bugs
         code = _report_failure(e, str(e), args.train_stage)
+        if code is None:
+            raise
+        return code
+
+
+def _add_pseudo_gt_parser(sub) -> None:
+    p = sub.add_parser("pseudo-gt", help="pseudo ground truth for stage 2: teacher DDIM -> reconstructor -> "
+                                         "rendered views, as shards (Ray Data; re-running computes only what changed)")
+    _add_config_args(p)
+    p.add_argument("--data", metavar="URI", help="render shards dir or s3:// prefix (overrides dataset.uri)")
+    p.add_argument("--output", "-o", metavar="URI", help="pseudo-GT shards dir or s3:// prefix "
+                                                          "(overrides pseudo_gt.output_uri)")
+    p.add_argument("--teacher", metavar="URI", help="teacher folder or pretrain output (default: as stage 1's)")
+    p.add_argument("--reconstructor", metavar="URI", help="reconstructor .safetensors or pretrain output "
+                                                          "(default: as stage 1's)")
+    p.add_argument("--retry-failed", action="store_true", help="retry objects that failed before")
+
+
+def _pseudo_gt_main(args) -> int:
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"dataset.uri={args.data}")
+    if args.output:
+        overrides.append(f"pseudo_gt.output_uri={args.output}")
+    try:
+        from pipelines import pseudo_gt
+
+        cfg = load_config(args.config, overrides)
+        inputs = pseudo_gt.default_inputs(cfg, teacher=args.teacher, reconstructor=args.reconstructor)
+        result = pseudo_gt.run(cfg, inputs, retry_failed=args.retry_failed)
+        _print_summary(result.summary())
+        return 0
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except Exception as e:  # one line for errors users cause; tracebacks for bugs
+        code = _report_failure(e, str(e), "pseudo-gt")
         if code is None:
             raise
         return code
@@ -229,7 +414,8 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--turntable-frames", type=int, default=24, help="GIF frames (0: no GIF)")
     g.add_argument("--turntable-size", type=int, default=256, help="GIF side in pixels")
-    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ checkpoints")
+    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ checkpoints "
+                   "(default: $MLFLOW_TRACKING_URI, else the project's sqlite:///mlruns.db)")
 
 
 def _generate_main(args) -> int:
@@ -380,6 +566,14 @@ def main(argv: list[str] | None = None) -> int:
         return _train_main(args)
     if args.command == "run":
         return _run_main(args)
+    if args.command == "report":
+        return _report_main(args)
+    if args.command == "register":
+        return _register_main(args)
+    if args.command == "evaluate":
+        return _evaluate_main(args)
+    if args.command == "pseudo-gt":
+        return _pseudo_gt_main(args)
     try:
         cfg = _load(args)
         if args.command == "config":

@@ -69,7 +69,7 @@ __all__ = [
     "zero123pp_grid_position",
 ]
 
-CAMERA_KINDS = ("cond", "zero123", "random")
+CAMERA_KINDS = ("cond", "zero123", "random", "orbit", "geometry")  # orbit, geometry: evaluation views (geco.eval)
 ZERO123PP_AZIMUTH_OFFSETS = (30, 90, 150, 210, 270, 330)
 
 # Flipping the camera's y and z axes turns an OpenGL camera into an OpenCV one and back.

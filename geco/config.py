@@ -477,6 +477,171 @@ class Stage1Config(_Strict):
         return self
 
 
+# --------------------------------------------------------------------------------------------
+# Model registry (the `register` stage): MLflow model versions, aliases, promotion rule
+# --------------------------------------------------------------------------------------------
+# GSO metrics where higher is better; every other gso/<view set>/<metric> is lower-is-better
+HIGHER_IS_BETTER = ("psnr", "ssim", "viou", "fscore")
+
+
+class RegistryConfig(_Strict):
+    """The `register` stage: the final bundle becomes a version of registered model `model_name` with
+    its GSO metrics, alias `candidate_alias`; `production_alias` moves to it only when no gated metric
+    regresses beyond `tolerance` against the current production version (or when there is none)."""
+
+    model_name: str = "geco"  # `geco generate --checkpoint models:/<model_name>@production`
+    candidate_alias: str = "candidate"  # always points at the newest registered version
+    production_alias: str = "production"  # moved only when the promotion rule allows it
+    # if_no_regression: the rule above; always: move it regardless; never: only the candidate alias
+    promote: Literal["if_no_regression", "always", "never"] = "if_no_regression"
+    # relative tolerance: a gated metric regresses when it is worse than production's by more than
+    # tolerance x |production's value| (higher-is-better: psnr, ssim, viou, fscore; the rest lower)
+    tolerance: float = Field(0.02, ge=0)
+    # the metric names (gso/<view set>/<name>) the rule compares; timings are left out (machines differ)
+    gate_metrics: list[str] = ["psnr", "ssim", "lpips", "cd", "viou", "fscore"]
+
+    @field_validator("model_name", "candidate_alias", "production_alias")
+    @classmethod
+    def _registry_name_ok(cls, v: str) -> str:
+        if not v or any(c in v for c in "/@: "):
+            raise ValueError("must be non-empty with no '/', '@', ':' or spaces")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation (the `evaluate` stage: pipelines/evaluate.py, the GSO protocol; geco/eval/)
+# --------------------------------------------------------------------------------------------
+EVAL_MODEL_NAMES = ("teacher", "teacher_1step", "stage1", "stage2")
+
+
+class EvaluateConfig(_FiniteStrict):
+    """The `evaluate` stage: ground truth rendered by the project's renderer at the protocol's views,
+    every model under test run on the input view, PSNR/SSIM/LPIPS per view set, CD/vIoU/F-score from
+    depth maps, seconds per object; a results folder, a report, an MLflow run (PAPER.md "Evaluation")."""
+
+    # a Google Scanned Objects folder (<name>/meshes/model.obj; local or s3://); "" = a few procedural
+    # objects written in the GSO layout under output_uri/gso-demo (the embedded demo; no download)
+    gso_uri: str = ""
+    objects: list[str] = Field(default_factory=list)  # folder names to evaluate; empty = every object of the folder
+    demo_objects: int = Field(3, ge=1)  # how many procedural GSO-layout objects when gso_uri is ""
+    output_uri: str = "outputs/evaluate"  # results/ (+ results/report/), gt/ (the ground-truth render cache)
+    # models under test, name -> URI (local/s3:// GECO bundle, runs:/..., models:/name@alias; the teachers
+    # also a Zero123++ folder or a pretrain output). Names: teacher (K steps), teacher_1step, stage1, stage2.
+    # The DAG fills in what its stages produced; entries here take precedence.
+    models: dict[str, str] = Field(default_factory=dict)
+    teacher_steps: int = Field(75, ge=1)  # the multi-step teacher's sampling steps (GECO: 75)
+    input_resolution: int = Field(512, ge=8)  # the input view (elevation 0, azimuth 0; paper: 512)
+    resolution: int = Field(320, ge=8)  # the view sets' renders, ground truth and models alike
+    orbit_views: int = Field(15, ge=1)  # evenly spaced azimuths at orbit_elevation (paper: 15 at 0 deg)
+    orbit_elevation: Elevation = 0.0
+    # geometry: depth maps at fixed cameras (geco/eval/geometry.py); SyncDreamer: 16 at 30 deg, 256 px.
+    # Elevations alternate over the cameras; occupancy carving needs some below the object.
+    geometry_views: int = Field(16, ge=1)
+    geometry_elevations: list[Elevation] = Field(default_factory=lambda: [30.0, -30.0], min_length=1)
+    geometry_resolution: int = Field(256, ge=8)
+    voxel_size: float = Field(0.01, gt=0)  # point-cloud voxel downsampling (SyncDreamer: 0.01)
+    iou_grid: int = Field(64, ge=4)  # occupancy grid cells per side over [-iou_extent, iou_extent]^3
+    iou_extent: float = Field(1.0, gt=0)
+    # F-score thresholds in units of the object's largest side; "fscore" is the first (SF3D/SPAR3D: 0.1)
+    fscore_thresholds: list[float] = Field(default_factory=lambda: [0.1, 0.05], min_length=1)
+    # LPIPS (AlexNet, as papers report it): torchvision's alexnet-owt-7be5be79.pth and the LPIPS v0.1 alex
+    # linear layers (local, s3://, URL); "" = the torch hub cache / an installed lpips package. None load:
+    # LPIPS is reported "unavailable", never a stand-in
+    lpips_backbone_weights: str = ""
+    lpips_linear_weights: str = ""
+    seed: int = 0  # generator / teacher noise per object: seed + index of the object
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where models under test run
+    num_gpus: float = Field(0.0, ge=0)  # GPUs of the Ray actor that runs the models under test
+    num_cpus: float = Field(1.0, gt=0)  # CPUs of that actor (fractional on small machines)
+    turntable_frames: int = Field(24, ge=0)  # per object and model (0 = none)
+    turntable_size: int = Field(128, ge=8)
+    plot: bool = True  # plots/metrics.png
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(set(v) - set(EVAL_MODEL_NAMES))
+        if bad:
+            raise ValueError(f"unknown model name(s) {', '.join(bad)}; use {', '.join(EVAL_MODEL_NAMES)}")
+        return v
+
+
+class PseudoGTConfig(_FiniteStrict):
+    """`geco pseudo-gt` (the DAG's pseudo_gt stage): the teacher's 75-step deterministic DDIM from
+    saved noise -> 6 views -> the reconstructor -> Gaussians rendered at ``num_views`` views (the 6
+    Zero123++ poses + random ones), written as shards beside the render shards (PAPER.md "Stage 2")."""
+
+    output_uri: str = "outputs/pseudo_gt"  # shards + manifest + failures, as render's (local dir or s3://)
+    steps: int = Field(75, ge=1)  # deterministic DDIM steps of the teacher (GECO v1: 75)
+    guidance_scale: float | None = Field(None, ge=1.0)  # CFG of those samples; None = models.teacher.guidance_scale
+    batch_size: int = Field(4, ge=1)  # objects per teacher / reconstructor batch in one actor
+    num_views: int = Field(50, ge=7)  # rendered views: the 6 Zero123++ poses + num_views - 6 random (GECO v1: 50)
+    resolution: int = Field(256, ge=8)  # square side of every rendered view (stage 2's LPIPS runs at 256 px)
+    random_elevation_range: tuple[Elevation, Elevation] = (-90.0, 90.0)  # degrees, uniform in [lo, hi) (GECO v1)
+    random_azimuth_range: tuple[float, float] = (0.0, 360.0)  # degrees, uniform in [lo, hi)
+    random_radius: float = Field(1.5, gt=0)  # camera distance of the random views (GECO v1: 1.5)
+    random_fov_deg: float = Field(49.1, gt=0, lt=180)  # FOV of the random views
+    seed: int = 0  # initial noise and random views are seeded by hash(object key, seed)
+    # The reconstructor reads the teacher's tiles resized to models.reconstructor.input_size: refuse a pair
+    # that would upscale the tiles by more than this (a mismatched teacher/reconstructor; checked at start).
+    max_reconstructor_upscale: float = Field(2.0, ge=1.0)
+    num_actors: int = Field(1, ge=1)  # Ray Data actors, each holding the teacher and the reconstructor once
+    cpus_per_actor: float = Field(1.0, gt=0)  # fractional on small machines (Ray Data needs CPUs too)
+    gpus_per_actor: float = Field(0.0, ge=0)  # 1 on a GPU cluster
+    torch_threads: int = Field(0, ge=0)  # torch.set_num_threads per actor (0 = torch's default)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "PseudoGTConfig":
+        (elo, ehi), (alo, ahi) = self.random_elevation_range, self.random_azimuth_range
+        if elo > ehi or alo > ahi:
+            raise ValueError("pseudo_gt.random_elevation_range / random_azimuth_range must be [low, high]")
+        return self
+
+    def settings_hash(self, teacher_guidance: float) -> str:
+        """What changes a pseudo-GT sample besides its source, teacher and reconstructor (not how
+        the work is spread: actors, CPUs, GPUs, threads, batch size, output)."""
+        d = self.model_dump(mode="json")
+        for k in ("output_uri", "batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "torch_threads",
+                  "max_reconstructor_upscale"):
+            d.pop(k)
+        d["guidance_scale"] = teacher_guidance if self.guidance_scale is None else self.guidance_scale
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Stage2TrainConfig(TrainJobConfig):
+    """The stage-2 Ray Train job: TrainJobConfig with the paper's stage-2 values as defaults (a
+    subclass, so that a partial `stage2.train` section in a file keeps them). PAPER.md "Stage 2":
+    AdamW lr 1e-6, weight decay 0.05, betas 0.9/0.95 (v1 code), batch 4 on 4 GPUs, 5 epochs."""
+
+    # 5 epochs of the ~46K LVIS objects (PAPER.md "Data") at 4 objects per step: 46,000 x 5 / 4
+    steps: int = Field(57500, ge=0)
+    # PAPER.md: batch 4 on 4x L40 -> 1 object per GPU worker (num_workers 4: configs/paper.yaml)
+    batch_size: int = Field(1, ge=1)
+    lr: float = Field(1e-6, gt=0)  # PAPER.md: lr 1e-6 (AdamW)
+    weight_decay: float = Field(0.05, ge=0)  # GECO v1 code: AdamW weight decay 0.05
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # GECO v1 code: betas (0.9, 0.95)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # not in PAPER.md: a constant lr
+    gradient_checkpointing: bool = True  # on the generator's UNet (real scale)
+
+
+class Stage2Config(_Strict):
+    """The `stage2` stage: 3D-consistency fine-tuning of the stage-1 generator through the frozen
+    reconstructor and the rasterizer against pseudo ground truth (PAPER.md "Stage 2")."""
+
+    # Where the pseudo-GT shards and the stage-1 bundle come from is not configured here: they are the
+    # stage's inputs (pipelines.stage.Stage2Inputs) - what pseudo_gt and stage1 wrote, or
+    # `geco train stage2 --pseudo-gt URI --bundle URI`.
+    output_uri: str = "outputs/stage2"  # generator/ and bundle/ (the GECO checkpoint `geco generate` loads)
+    log_weights: bool = True  # log the exported bundle as MLflow artifacts (weights/bundle)
+    train: Stage2TrainConfig = Stage2TrainConfig()  # the Ray Train job (AdamW, schedule, checkpoints, workers)
+    views_per_step: int = Field(4, ge=1)  # PAPER.md: 4 random views of the sample's 50 per object (v1 code: 12)
+    lambda_lpips: float = Field(1.0, ge=0)  # LPIPS(VGG) weight (LGM's 1.0); the term is off, with a warning, without weights
+    render_size: int = Field(0, ge=0)  # supervision side in px, views resized to it (0: the sample's smallest view)
+    # True: the generator starts from the noise the teacher sampled the pseudo-GT from (noise.npy; a
+    # fixed noise per object, seeded by its key, where a sample has none); False: fresh noise every step
+    use_saved_noise: bool = True
+
+
 class GecoConfig(_Strict):
     """The whole DAG in one flat config; each stage reads the sections it needs."""
 
@@ -491,6 +656,10 @@ class GecoConfig(_Strict):
     models: ModelsConfig = ModelsConfig()
     pretrain: PretrainConfig = PretrainConfig()  # train teacher/reconstructor where no weights are given
     stage1: Stage1Config = Stage1Config()  # VSD distillation of the one-step generator
+    registry: RegistryConfig = RegistryConfig()  # the `register` stage: model versions + aliases
+    evaluate: EvaluateConfig = EvaluateConfig()  # the GSO evaluation (PSNR/SSIM/LPIPS, CD/vIoU/F-score, seconds)
+    pseudo_gt: PseudoGTConfig = PseudoGTConfig()  # teacher -> reconstructor -> rendered views, for stage 2
+    stage2: Stage2Config = Stage2Config()  # 3D-consistency fine-tuning of the generator
 
     @field_validator("name")
     @classmethod

@@ -15,6 +15,9 @@ The value is a comma-separated list of faults, each ``<kind>:<arg>:<arg>...``:
 ``kill-in-checkpoint:<step>:<marker>[:<rank>]``       a training worker ``os._exit(1)`` inside the
                                                       checkpoint report of ``<step>``: its files are
                                                       written, Ray Train never receives the report
+``hold-at-step:<step>:<folder>``                     every training rank records itself (pid, Ray node
+                                                      id) in ``<folder>/rank-<r>`` after that step, once,
+                                                      and waits for its node to be removed
 ``kill-actor:<object id>:<marker>``                   a render actor closes its Blender, then exits
 ``sigkill-actor:<object id>:<marker>``                a render actor is SIGKILLed while its Blender
                                                       renders that object (no clean-up at all)

@@ -339,12 +339,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reconstructor_cameras(reconstructor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstructor_cameras(reconstructor, tile: int, cond_azimuth: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """K [6, 3, 3] in pixels of ``tile``-sized views and c2w [6, 4, 4] of the six Zero123++ views
-    as the reconstructor is told they were taken."""
+    as the reconstructor is told they were taken (``cond_azimuth``: the conditioning view's azimuth
+    in degrees, so the Gaussians come out in the frame of a shard's cameras; 0 for a lone image)."""
     from geco.models.reconstructors import input_cameras
 
-    K, c2w = input_cameras(reconstructor.cfg)
+    K, c2w = input_cameras(reconstructor.cfg, cond_azimuth)
     K = K.clone()
     K[:, :2, :] *= tile / reconstructor.input_size
     return K, c2w

@@ -10,19 +10,31 @@ the owner) and, before opening a run, marks earlier RUNNING runs of the same nam
 KILLED when their owner is gone: on this host, when that process no longer exists; on another host
 (which this process cannot inspect), or without an owner tag, only when the run started more than
 ``tracking.stale_run_hours`` ago (0, the default: never).
+
+**Lineage.** Every run carries the tags of :func:`lineage_tags` (given to :func:`start_run` by the stage
+that opens it), so any metric traces back to the exact code, config, data and weights:
+``geco.git.commit`` / ``geco.git.dirty`` (``none`` outside a git checkout), ``geco.config_hash`` (of
+the whole validated config), ``geco.dataset.uri`` / ``geco.dataset.manifest_uri`` /
+``geco.dataset.manifest_hash`` (the latest shard manifest version and its sha256; ``none`` before
+the first render) and ``geco.input.<name>`` (each input checkpoint URI). URIs are logged without
+any ``user:password@`` part: nothing secret goes into tags.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import socket
+import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from geco import storage
 from geco.images import grid, resize_nearest, upscale_factor, upscale_nearest
 
 
@@ -77,12 +89,13 @@ class Tracker:
             for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
                 self.client.log_batch(self._run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None) -> None:
+        """``model_id``: also attach them to that MLflow LoggedModel (its page and its registered versions)."""
         if self.enabled and metrics:
             from mlflow.entities import Metric
 
             ts = int(time.time() * 1000)
-            items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+            items = [Metric(k, float(v), ts, step or 0, model_id=model_id) for k, v in metrics.items()]
             for i in range(0, len(items), 200):
                 self.client.log_batch(self._run_id, metrics=items[i:i + 200])
 
@@ -133,6 +146,71 @@ def artifact_location(tracking_cfg) -> str | None:
     if tracking_cfg.uri.startswith(prefix):
         return (Path(tracking_cfg.uri[len(prefix):]).expanduser().resolve().parent / "mlartifacts").as_uri()
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# lineage
+# ---------------------------------------------------------------------------------------------
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the checkout geco is imported from
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+
+
+def redact_uri(uri: str) -> str:
+    """``scheme://user:password@host/...`` -> ``scheme://host/...`` (other URIs unchanged)."""
+    return _USERINFO.sub(r"\1", str(uri))
+
+
+def git_state(root: str | Path = _SOURCE_ROOT) -> tuple[str, str]:
+    """(commit, dirty) of the git checkout at ``root``: ("<sha>", "true"/"false"), or ("none", "none")
+    when it is not a git checkout (an installed wheel, a Ray worker's unpacked working_dir) or git is
+    missing. Dirty means tracked files differ from the commit (untracked files do not count)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "none", "none"
+    return commit, "true" if dirty else "false"
+
+
+def config_hash(cfg) -> str:
+    """A short sha256 of the whole validated config (a pydantic model or a plain dict)."""
+    data = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def manifest_lineage(dataset_uri: str) -> tuple[str, str]:
+    """(URI, sha256) of the latest shard manifest version under ``dataset_uri``; ("none", "none")
+    before the first render; ("unreadable", reason) when the store cannot be read."""
+    from geco.data import shards  # lazy: only runs with a dataset need it
+
+    try:
+        versions = shards.list_manifest_versions(dataset_uri)
+        if not versions:
+            return "none", "none"
+        uri = shards.manifest_uri(dataset_uri, versions[-1])
+        return uri, hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+    except Exception as e:  # never fail a run for its tags; the tag says why
+        return "unreadable", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:250]
+
+
+def lineage_tags(cfg, *, dataset_uri: str | None = None, inputs: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The lineage tags of a run (module docstring): code, config, data, input checkpoints.
+
+    ``cfg``: the run's :class:`~geco.config.GecoConfig`; ``dataset_uri``: the shards the run reads or
+    writes (None: no dataset tags); ``inputs``: input checkpoint URIs by name ("" = none: tiny random)."""
+    commit, dirty = git_state()
+    tags = {"geco.git.commit": commit, "geco.git.dirty": dirty, "geco.config_hash": config_hash(cfg)}
+    if dataset_uri:
+        manifest, digest = manifest_lineage(dataset_uri)
+        tags.update({"geco.dataset.uri": redact_uri(dataset_uri), "geco.dataset.manifest_uri": redact_uri(manifest),
+                     "geco.dataset.manifest_hash": digest})
+    for name, uri in (inputs or {}).items():
+        tags[f"geco.input.{name}"] = redact_uri(uri) if uri else "none"
+    return tags
 
 
 OWNER_TAG = "geco.owner"  # "host:pid:start" of the process that opened the run

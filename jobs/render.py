@@ -1,13 +1,16 @@
-"""`ray job submit` entry point for the render stage.
+"""`ray job submit` entry point for the render stage with its own options (`geco render`).
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
-        -- python -m jobs.render --config configs/paper.yaml [--set k=v ...] [--force]
-
-Thin on purpose: the same `geco render` command, run on the cluster's driver (ray.address=auto).
+        -- python -m jobs.render --config configs/paper.yaml [--set k=v ...] [--force] [--retry-failed]
 """
 import sys
 
-from cli.main import main
+from jobs import run
+
+
+def main(argv: list[str]) -> int:
+    return run(["render"], argv)
+
 
 if __name__ == "__main__":
-    sys.exit(main(["render", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))

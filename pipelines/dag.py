@@ -9,7 +9,21 @@
        │ uris["teacher"], uris["reconstructor"]  (else models.*.pretrained)
        ▼
     stage1    Stage1Inputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris bundle / generator
-    (pseudo_gt -> stage2 -> evaluate: later stages, one more Step each)
+       │ uris["bundle"]; the teacher / reconstructor stage 1 used
+       ▼
+    pseudo_gt PseudoGTInputs(dataset_uri, teacher_uri, reconstructor_uri) -> uris pseudo_gt (pipelines.pseudo_gt)
+       │ uris["bundle"] (stage1), uris["pseudo_gt"] (else pseudo_gt.output_uri)
+       ▼
+    stage2    Stage2Inputs(pseudo_gt_uri, bundle_uri) -> uris bundle / generator  (pipelines.stage2)
+       │ uris["bundle"] (stage1, stage2), the distilled teacher, the shards
+       ▼
+    evaluate  EvaluateInputs(models {stage1, stage2, teacher, teacher_1step}, dataset_uri)
+              -> uris results / report, metrics per model, leakage     (pipelines.evaluate)
+       │ the final bundle (stage2's, else stage1's) + evaluate's metrics for that model
+       ▼
+    register  RegisterInputs(bundle_uri, metrics, evaluate_run_id, lineage) -> uris model
+              (models:/<registry.model_name>/<version>; alias candidate, production when nothing
+              regressed)                                                   (pipelines.register)
     parent run: seconds per stage (`seconds/<stage>`), a stage table (stages.json: output URIs,
     child run ids, whether the stage did any work), tags with the final bundle URI
 
@@ -34,12 +48,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from geco.config import ConfigError, GecoConfig
-from geco.tracking import start_run
-from pipelines.stage import PretrainInputs, Stage1Inputs, StageOutputs
+from geco.tracking import lineage_tags, start_run
+from pipelines.stage import (
+    EvaluateInputs,
+    PretrainInputs,
+    PseudoGTInputs,
+    RegisterInputs,
+    Stage1Inputs,
+    Stage2Inputs,
+    StageOutputs,
+)
 
 log = logging.getLogger(__name__)
 
-STAGES = ("render", "pretrain", "stage1")  # in DAG order
+STAGES = ("render", "pretrain", "stage1", "pseudo_gt", "stage2", "evaluate", "register")  # in DAG order
 
 
 class StageFailed(RuntimeError):
@@ -77,6 +99,7 @@ class DagOutputs:
     stages: dict[str, StageRecord] = field(default_factory=dict)  # in the order they ran
     mlflow_run_id: str | None = None
     bundle_uri: str | None = None  # the final GECO checkpoint (`geco generate --checkpoint`)
+    model_uri: str | None = None  # its registered version, models:/<name>/<version> (register ran)
     seconds: float = 0.0
 
     @property
@@ -93,11 +116,17 @@ class DagOutputs:
                  + (f" (mlflow run {self.mlflow_run_id})" if self.mlflow_run_id else "")]
         for s, r in self.stages.items():
             lines.append(f"  {s:<{width}} {r.seconds:8.1f} s  {r.note}")
+        ev = self.stages.get("evaluate")
+        if ev is not None and ev.uris:
+            lines.append(f"evaluation: {ev.uris.get('report') or ev.uris.get('results')}")
         if self.bundle_uri:
             lines.append(f"bundle: {self.bundle_uri}")
             lines.append(f"next:   geco generate IMAGE --checkpoint {self.bundle_uri} -o outputs/generated")
         else:
             lines.append("bundle: none (stage1 did not run)")
+        reg = self.stages.get("register")
+        if self.model_uri and reg is not None and reg.outputs is not None:
+            lines.append(f"model:  {self.model_uri} (aliases: {', '.join(reg.outputs.aliases) or 'none'})")
         return "\n".join(lines)
 
 
@@ -144,11 +173,72 @@ def stage1_inputs(ctx: DagContext) -> Stage1Inputs:
                                            reconstructor=trained.get("reconstructor"))
 
 
+def pseudo_gt_inputs(ctx: DagContext) -> PseudoGTInputs:
+    """The render shards, and the teacher / reconstructor stage 1 distils and bundles (the same
+    resolution: :func:`stage1_inputs`)."""
+    s1 = stage1_inputs(ctx)
+    return PseudoGTInputs(s1.dataset_uri, s1.teacher_uri, s1.reconstructor_uri)
+
+
+def evaluate_inputs(ctx: DagContext) -> EvaluateInputs:
+    """The bundles stage1 (and stage2) made in this run, and the teacher stage 1 distilled (as
+    "teacher" and "teacher_1step"); otherwise :func:`pipelines.evaluate.dag_models` finds earlier
+    outputs. ``evaluate.models`` entries take precedence; leakage is checked against this run's shards."""
+    models = _stage("evaluate").dag_models(ctx.cfg, ctx.outputs.get("stage1"), ctx.outputs.get("stage2"))
+    return _stage("evaluate").default_inputs(ctx.cfg, models, _dataset_uri(ctx))
+
+
+def register_inputs(ctx: DagContext) -> RegisterInputs:
+    """The final bundle (stage2's when it ran in this DAG run, else stage1's; else the last one on disk)
+    with evaluate's metrics for that model (none when evaluate did not run) and the lineage to record."""
+    final = next((s for s in ("stage2", "stage1") if getattr(ctx.outputs.get(s), "bundle_uri", None)), None)
+    if final is not None:
+        out = ctx.outputs[final]
+        bundle_uri, bundle_run = out.bundle_uri, out.mlflow_run_id or ""
+    else:  # `--stages register`: the newest bundle the training stages left at their output_uri
+        from geco import storage  # light; only this branch needs it
+
+        final, bundle_uri, bundle_run = "", "", ""
+        for s in ("stage2", "stage1"):
+            section = getattr(ctx.cfg, s, None)
+            uri = storage.join(storage.absolute_uri(section.output_uri), "bundle") if section is not None else ""
+            if uri and storage.exists(storage.join(uri, "geco.json")):
+                final, bundle_uri = s, uri
+                break
+        if not bundle_uri:
+            raise ConfigError("register: no bundle to register: run stage1 (or stage2) first, or register one with "
+                              "`geco register BUNDLE_URI`")
+    evaluate = ctx.outputs.get("evaluate")
+    metrics = {k: v for k, v in ((getattr(evaluate, "metrics", None) or {}).get(final) or {}).items()
+               if v is not None}  # None: a metric evaluate could not compute (e.g. LPIPS without weights)
+    lineage = {"bundle_stage": final, "bundle_run_id": bundle_run, "dag_run_id": ctx.parent_run_id or "",
+               "dataset_uri": _dataset_uri(ctx)}
+    lineage.update({f"{s}_run_id": out.mlflow_run_id for s, out in ctx.outputs.items()
+                    if getattr(out, "mlflow_run_id", None)})
+    return RegisterInputs(bundle_uri=bundle_uri, metrics=metrics,
+                          evaluate_run_id=getattr(evaluate, "mlflow_run_id", None), lineage=lineage)
+
+
+def stage2_inputs(ctx: DagContext) -> Stage2Inputs:
+    """What pseudo_gt and stage1 wrote in this run; otherwise :func:`pipelines.stage2.default_inputs`
+    (``pseudo_gt.output_uri``, ``<stage1.output_uri>/bundle``)."""
+    pgt = getattr(ctx.outputs.get("pseudo_gt"), "uris", {}).get("pseudo_gt")
+    bundle = getattr(ctx.outputs.get("stage1"), "bundle_uri", None)
+    return _stage("stage2").default_inputs(ctx.cfg, pseudo_gt=pgt, bundle=bundle)
+
+
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("render", lambda ctx: None, lambda cfg, _, parent: _stage("render").run(cfg, parent_run_id=parent)),
     Step("pretrain", pretrain_inputs, lambda cfg, inputs, parent: _stage("pretrain").run(cfg, inputs,
                                                                                         parent_run_id=parent)),
     Step("stage1", stage1_inputs, lambda cfg, inputs, parent: _stage("stage1").run(cfg, inputs, parent_run_id=parent)),
+    Step("pseudo_gt", pseudo_gt_inputs,
+         lambda cfg, inputs, parent: _stage("pseudo_gt").run(cfg, inputs, parent_run_id=parent)),
+    Step("stage2", stage2_inputs, lambda cfg, inputs, parent: _stage("stage2").run(cfg, inputs, parent_run_id=parent)),
+    Step("evaluate", evaluate_inputs, lambda cfg, inputs, parent: _stage("evaluate").run(cfg, inputs,
+                                                                                        parent_run_id=parent)),
+    Step("register", register_inputs, lambda cfg, inputs, parent: _stage("register").run(cfg, inputs,
+                                                                                        parent_run_id=parent)),
 )}
 assert tuple(STEPS) == STAGES
 
@@ -193,6 +283,8 @@ def _check_cluster(cfg: GecoConfig, todo: list[str]) -> None:
         check_cluster(cfg, [f"pretrain.{t}" for t in targets], concurrent=cfg.pretrain.concurrent)
     if "stage1" in todo:
         check_cluster(cfg, ["stage1.train"])
+    if "stage2" in todo:
+        check_cluster(cfg, ["stage2.train"])
 
 
 def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
@@ -204,10 +296,15 @@ def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
     cluster cannot run a training job the DAG would start (both before any work), and
     :class:`StageFailed` when a stage fails (the parent run is then marked FAILED)."""
     todo = parse_stages(stages)
+    if "register" in todo and not cfg.tracking.enabled:  # before any work: the registry lives in MLflow
+        raise ConfigError("stage register needs MLflow, but tracking.enabled is false; set tracking.enabled=true "
+                          "or leave register out (--stages " + ",".join(s for s in todo if s != "register") + ")")
     _check_cluster(cfg, todo)
     t0 = time.perf_counter()
     outputs = DagOutputs(name=cfg.name)
-    with start_run(cfg.tracking, run_name=f"{cfg.name}/dag", tags={"geco.stage": "dag"}) as tracker:
+    configured = {f"models.{m}": getattr(cfg.models, m).pretrained for m in ("teacher", "generator", "reconstructor")}
+    with start_run(cfg.tracking, run_name=f"{cfg.name}/dag", tags={
+            "geco.stage": "dag", **lineage_tags(cfg, dataset_uri=cfg.dataset.uri, inputs=configured)}) as tracker:
         outputs.mlflow_run_id = tracker.run_id
         tracker.log_params({**cfg.model_dump(mode="json"), "dag.stages": ",".join(todo)})
         tracker.log_dict(cfg.model_dump(mode="json"), "config.json")
@@ -245,6 +342,9 @@ def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
                 progress(record.outputs.summary())
         s1 = ctx.outputs.get("stage1")
         outputs.bundle_uri = getattr(s1, "bundle_uri", None)
+        outputs.model_uri = getattr(ctx.outputs.get("register"), "model_uri", None)
+        s2 = ctx.outputs.get("stage2")  # the fine-tuned bundle when stage 2 ran, else stage 1's
+        outputs.bundle_uri = getattr(s2, "bundle_uri", None) or outputs.bundle_uri
         outputs.seconds = time.perf_counter() - t0
         tracker.log_metrics({"seconds": outputs.seconds})
         log_table()

@@ -14,7 +14,9 @@ actor that dies (`max_restarts=-1`) and retries its object (`max_task_retries=-1
 Resumable: the committed shard index files are the source of truth, so a job killed midway
 resumes with what it committed (and removes the temporaries it left: see
 :func:`geco.data.shards.clean_stale_temporaries`); a re-run with the same config renders
-nothing and writes no new manifest or failures version.
+nothing, writes no new manifest or failures version and opens no MLflow run ("nothing to do").
+The shard / manifest / failures bookkeeping is :class:`geco.data.shards.DatasetRun`, shared with
+the pseudo-GT stage.
 
 Failures: an object the renderer cannot render (or the source rejects) is a property of the
 object: recorded once and skipped on re-runs (``--retry-failed`` tries again). A failure to
@@ -46,7 +48,7 @@ from geco.config import GecoConfig, RenderConfig
 from geco.data import schema, shards
 from geco.data.cache import ObjectCache
 from geco.sources import ObjectRef, SourceError, SourceListing, UnsafePath, list_objects, source_list_hash
-from geco.tracking import image_grid, start_run
+from geco.tracking import image_grid, lineage_tags, start_run
 from pipelines.cluster import init_ray
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class RenderOutputs:
     seconds: float = 0.0
     render_seconds: list[float] = field(default_factory=list)
     mlflow_run_id: str | None = None
+    nothing_to_do: bool = False  # a re-run with nothing to render and nothing new: no MLflow run, no new version
 
     @property
     def seconds_per_object(self) -> float:
@@ -81,7 +84,7 @@ class RenderOutputs:
 
     def summary(self) -> str:
         lines = [
-            f"render: {self.rendered} rendered, {self.skipped} skipped (already done), "
+            f"render: {'nothing to do; ' if self.nothing_to_do else ''}{self.rendered} rendered, {self.skipped} skipped (already done), "
             f"{self.failed} failed, {self.previously_failed} skipped (failed before; --retry-failed), "
             f"{self.rejected} rejected by the source, {self.excluded} excluded by licence",
             f"  {len(self.new_shards)} new shard(s) in {self.dataset_uri}; "
@@ -101,9 +104,15 @@ class RenderOutputs:
         return "\n".join(lines)
 
 
+def sample_hash(content_hash: str, settings_hash: str) -> str:
+    """The hash a shard sample is recorded under: an object's content hash with the settings hash
+    of the render that made it (also how the evaluation's leakage check finds training objects)."""
+    return hashlib.sha256(f"{content_hash}:{settings_hash}".encode()).hexdigest()[:24]
+
+
 def render_hash(ref: ObjectRef, render: RenderConfig) -> str:
     """What decides whether an object must be (re-)rendered: its bytes and the render settings."""
-    return hashlib.sha256(f"{ref.content_hash}:{render.settings_hash()}".encode()).hexdigest()[:24]
+    return sample_hash(ref.content_hash, render.settings_hash())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +163,9 @@ class RenderActor:
 
                 threading.Timer(1.0, sigkill).start()
 
-    def _render_one(self, ref: ObjectRef) -> dict:
+    def _render_one(self, ref: ObjectRef, cams: list[dict] | None = None) -> dict:
+        """Render ``ref`` at ``cams`` (cameras.json records, cond first; default: the render config's
+        cameras for the object, :func:`geco.render.views.cameras_for`)."""
         from geco.render.views import blender_settings, cameras_for
 
         out = {"object_id": ref.object_id, "uri": ref.uri, "ok": False, "reason": "", "log_tail": "",
@@ -170,7 +181,7 @@ class RenderActor:
                        retryable=True)
             return out
         self._maybe_die(ref.object_id)
-        cams = [c.to_dict() for c in cameras_for(ref.object_id, self.render)]
+        cams = cams or [c.to_dict() for c in cameras_for(ref.object_id, self.render)]
         with tempfile.TemporaryDirectory(prefix="geco-render-") as tmp:
             res = self.renderer.render(ref.object_id, str(path), cams, blender_settings(self.render), tmp,
                                        timeout_s=self.render.blender.timeout_s)
@@ -181,7 +192,8 @@ class RenderActor:
                         "source_warnings": ref.warnings(), **ref.extra}
                 Path(tmp, "meta.json").write_text(json.dumps(meta, sort_keys=True, default=str))
                 try:
-                    members = schema.sample_from_dir(ref.object_id, tmp)
+                    members = schema.sample_from_dir(ref.object_id, tmp, require_depth=self.render.depth,
+                                                     require_normals=self.render.normals)
                 except Exception as e:  # renderer said ok but a member is missing: record it
                     out.update(ok=False, reason=f"incomplete render: {e}")
                     return out
@@ -190,7 +202,9 @@ class RenderActor:
         return out
 
     def __call__(self, batch: dict) -> dict:
-        rows = [self._render_one(ObjectRef.from_json(j)) for j in batch["ref"]]
+        cams = batch.get("cameras")  # optional: a JSON list of camera records per row (the evaluation's views)
+        rows = [self._render_one(ObjectRef.from_json(j), json.loads(cams[i]) if cams is not None else None)
+                for i, j in enumerate(batch["ref"])]
         return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
     def __del__(self):
@@ -218,28 +232,18 @@ def _contact_sheet(samples: list[tuple[str, dict[str, bytes]]]) -> np.ndarray:
     return image_grid(tiles, cols=7)
 
 
-def is_retryable(failure: dict) -> bool:
-    """Whether a recorded failure was the environment's (tried again on the next run). Rows
-    written before the flag existed: fetch failures were the environment's."""
-    return bool(failure.get("retryable", str(failure.get("reason", "")).startswith("fetch failed:")))
+is_retryable = shards.is_retryable  # one home: geco.data.shards (render and pseudo-GT share it)
 
 
 def plan(refs: list[ObjectRef], hashes: dict[str, str], done: dict[str, str], prev_failures: dict[str, dict], *,
          force: bool = False, retry_failed: bool = False) -> tuple[list[ObjectRef], int, int]:
-    """``(todo, skipped, previously_failed)``: an object is skipped when committed with the same
-    render hash, and skipped as failed before when its last failure had the same render hash and
-    was not :func:`is_retryable`."""
-    todo, skipped, previously_failed = [], 0, 0
-    for ref in refs:
-        h = hashes[ref.object_id]
-        prev = prev_failures.get(ref.object_id)
-        if not force and done.get(ref.object_id) == h:
-            skipped += 1
-        elif not force and not retry_failed and prev and prev.get("render_hash") == h and not is_retryable(prev):
-            previously_failed += 1
-        else:
-            todo.append(ref)
-    return todo, skipped, previously_failed
+    """``(todo, skipped, previously_failed)``: :func:`geco.data.shards.plan` over the refs, keyed by
+    the render hash (an object is skipped when committed with the same render hash, and skipped as
+    failed before when its last failure had the same render hash and was not retryable)."""
+    by_id = {r.object_id: r for r in refs}
+    todo, skipped, previously_failed = shards.plan(list(by_id), hashes, done, prev_failures, hash_field="render_hash",
+                                                   force=force, retry_failed=retry_failed)
+    return [by_id[i] for i in todo], skipped, previously_failed
 
 
 def rejected_failures(rejected: list[ObjectRef], prev_failures: dict[str, dict]) -> list[dict]:
@@ -283,26 +287,36 @@ def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
     if rejected:
         log.warning("render: %d file(s) of the source cannot be rendered and are recorded as failures, e.g. %s: %s",
                     len(rejected), rejected[0].uri, rejected[0].reason)
-    stale = shards.clean_stale_temporaries(out_uri, cfg.dataset.stale_temp_hours * 3600)
+    ds_run = shards.DatasetRun(out_uri, cfg.dataset.samples_per_shard, cfg.dataset.val_fraction,
+                               cfg.dataset.stale_temp_hours * 3600)
+    stale = ds_run.stale_removed
     if stale:
         log.warning("render: removed %d temporary file(s) left by killed writers: %s", len(stale), ", ".join(stale))
-    state = shards.committed_state(out_uri)
-    done: dict[str, str] = state["objects"]  # object id -> render hash of its committed sample
-    prev_failures = {r["object_id"]: r for r in shards.read_failures(out_uri)}
+    prev_failures = ds_run.prev_failures
 
     hashes = {r.object_id: render_hash(r, cfg.render) for r in refs}
-    todo, skipped, previously_failed = plan(refs, hashes, done, prev_failures, force=force, retry_failed=retry_failed)
-    failures = rejected_failures(rejected, prev_failures)
+    todo, skipped, previously_failed = plan(refs, hashes, ds_run.done, prev_failures, force=force,
+                                            retry_failed=retry_failed)
+    for row in rejected_failures(rejected, prev_failures):
+        ds_run.fail(row)
+    failures = ds_run.failures
 
     result = RenderOutputs(dataset_uri=out_uri, manifest_uri=None, failures_uri=None, skipped=skipped,
                            previously_failed=previously_failed, rejected=len(rejected), excluded=len(excluded),
                            source=listing.describe(), stale_removed=stale)
-    writer = shards.ShardWriter(out_uri, cfg.dataset.samples_per_shard, start_index=state["next_index"])
+    list_hash, settings_hash = source_list_hash(refs), cfg.render.settings_hash()
+    if not todo and not ds_run.changed(settings_hash, list_hash):
+        # nothing to render, no new failure, the manifest says it all: no MLflow run, no new version
+        result.nothing_to_do = True
+        result.seconds = time.perf_counter() - t_start
+        if (refs or rejected) and result.skipped == 0:
+            raise RenderAborted(_nothing_rendered(listing, result, list(prev_failures.values())))
+        return result
     sheet: list[tuple[str, dict[str, bytes]]] = []
     abort: str | None = None
 
     with start_run(cfg.tracking, run_name=f"{cfg.name}/render", parent_run_id=parent_run_id,
-                   tags={"geco.stage": "render"}) as tracker:
+                   tags={"geco.stage": "render", **lineage_tags(cfg, dataset_uri=out_uri)}) as tracker:
         tracker.log_params({"source": cfg.source.model_dump(mode="json"), "render": cfg.render.model_dump(mode="json"),
                             "dataset": cfg.dataset.model_dump(mode="json"), "ray": cfg.ray.model_dump(mode="json"),
                             "limits": cfg.limits.model_dump(mode="json"), "force": force,
@@ -330,16 +344,15 @@ def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
                 attempted += 1
                 if row["ok"]:
                     members = unpack_members(row["sample"])
-                    writer.add(schema.sample_from_members(oid, members), hashes[oid],
-                               shards.split_for(oid, cfg.dataset.val_fraction))
+                    ds_run.add(schema.sample_from_members(oid, members), hashes[oid], oid)
                     result.rendered += 1
                     result.render_seconds.append(row["seconds"])
                     if len(sheet) < cfg.tracking.contact_sheet_objects:
                         sheet.append((oid, members))
                 else:
                     result.failed += 1
-                    failures.append({k: row[k] for k in ("object_id", "uri", "reason", "log_tail", "seconds",
-                                                         "retryable")} | {"render_hash": hashes[oid]})
+                    ds_run.fail({k: row[k] for k in ("object_id", "uri", "reason", "log_tail", "seconds",
+                                                     "retryable")} | {"render_hash": hashes[oid]})
                 rate = result.failed / attempted
                 if attempted >= cfg.limits.min_attempts and rate > cfg.limits.max_failure_rate:
                     reasons = "; ".join(sorted({f["reason"][:120] for f in failures[-5:]}))
@@ -347,17 +360,10 @@ def run(cfg: GecoConfig, *, force: bool = False, retry_failed: bool = False,
                              f"limits.max_failure_rate={cfg.limits.max_failure_rate:.0%}). This looks like a "
                              f"broken install or setup, not broken objects. Recent reasons: {reasons}")
                     break
-        writer.close()  # commits the last partial shard
-        result.new_shards = [storage.join(out_uri, c["shard"]) for c in writer.committed]
-        latest = shards.read_latest_manifest(out_uri)
-        list_hash, settings_hash = source_list_hash(refs), cfg.render.settings_hash()
-        if result.new_shards or failures or latest is None or latest.get("source_list_hash") != list_hash \
-                or latest.get("settings_hash") != settings_hash:  # a new version only when something changed
-            result.manifest_uri = shards.write_manifest_version(
-                out_uri, settings_hash=settings_hash, source_list_hash=list_hash,
-                config=cfg.model_dump(mode="json"), failures=failures)
-        if failures:
-            result.failures_uri = shards.write_failures(out_uri, result.manifest_uri, failures)
+        # commits the last partial shard; a manifest / failures version only when something changed
+        result.manifest_uri, result.failures_uri = ds_run.commit(
+            settings_hash=settings_hash, source_list_hash=list_hash, config=cfg.model_dump(mode="json"))
+        result.new_shards = ds_run.new_shards
         result.seconds = time.perf_counter() - t_start
 
         tracker.log_metrics({"rendered": result.rendered, "skipped": result.skipped, "failed": result.failed,

@@ -44,6 +44,56 @@ class Stage1Inputs:
         return {"teacher": self.teacher_uri, "reconstructor": self.reconstructor_uri}
 
 
+@dataclass(frozen=True)
+class RegisterInputs:
+    """The register stage makes the bundle at ``bundle_uri`` (a folder, s3:// prefix, ``runs:/`` or
+    ``models:/`` URI) a version of the registered model with its GSO ``metrics``
+    (``gso/<view set>/<metric>`` -> value; ``{}`` when nothing was evaluated). ``evaluate_run_id``:
+    the evaluation run those metrics come from; ``lineage``: URIs and run ids to record beside them
+    (``bundle_run_id``: the run that logged the bundle at ``weights/bundle``, registered from there)."""
+
+    bundle_uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    evaluate_run_id: str | None = None
+    lineage: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluateInputs:
+    """The evaluation runs the GSO protocol on ``models`` (name -> URI; names teacher, teacher_1step,
+    stage1, stage2; a GECO bundle, ``runs:/``, ``models:/name@alias``, or for the teachers a Zero123++
+    folder / pretrain output) and checks its objects against the training data at ``dataset_uri``
+    (leakage)."""
+
+    models: dict[str, str]
+    dataset_uri: str = ""
+
+
+@dataclass(frozen=True)
+class PseudoGTInputs:
+    """The pseudo_gt stage reads the render shards at ``dataset_uri`` and runs the teacher at
+    ``teacher_uri`` (a Zero123++ folder) and the reconstructor at ``reconstructor_uri`` (a
+    .safetensors file); ``""``: a tiny random model (tests only). Local paths are absolute."""
+
+    dataset_uri: str
+    teacher_uri: str = ""
+    reconstructor_uri: str = ""
+
+
+@dataclass(frozen=True)
+class Stage2Inputs:
+    """Stage 2 fine-tunes the generator of the GECO bundle at ``bundle_uri`` (stage 1's; its
+    reconstructor stays frozen) against the pseudo-GT shards at ``pseudo_gt_uri`` (render shards
+    work too: the same schema). Local paths are absolute."""
+
+    pseudo_gt_uri: str
+    bundle_uri: str
+
+    def task_inputs(self) -> dict[str, str]:
+        """What :class:`geco.train.stage2.Stage2Task` receives as ``inputs``."""
+        return {"bundle": self.bundle_uri}
+
+
 # ---------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------

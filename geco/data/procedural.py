@@ -14,6 +14,8 @@ Two file formats, the two the renderer loads:
 
 * :func:`make_procedural_object` — ``.obj`` + ``.mtl`` + texture ``.png`` (the GSO layout, files
   side by side, ``map_Kd`` relative);
+* :func:`make_gso_object` — the same ``.obj`` in the Google Scanned Objects folder layout (the
+  evaluation's demo objects);
 * :func:`make_procedural_glb` — one ``.glb`` (glTF 2.0 binary, the Objaverse format) with the PNG
   embedded; written by hand with ``struct`` + ``json`` (see :func:`write_glb`).
 
@@ -289,8 +291,10 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_obj(mesh: Mesh, texture: np.ndarray, out_dir: str | Path, name: str) -> Path:
-    """``<name>.obj`` + ``<name>.mtl`` + ``<name>.png`` in ``out_dir``; returns the ``.obj`` path."""
+def write_obj(mesh: Mesh, texture: np.ndarray, out_dir: str | Path, name: str, texture_name: str = "") -> Path:
+    """``<name>.obj`` + ``<name>.mtl`` + the texture (``texture_name``, default ``<name>.png``) in
+    ``out_dir``; returns the ``.obj`` path."""
+    texture_name = texture_name or f"{name}.png"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p, n = _to_y_up(mesh.positions), _to_y_up(mesh.normals)
@@ -309,10 +313,10 @@ def write_obj(mesh: Mesh, texture: np.ndarray, out_dir: str | Path, name: str) -
         "Ns 10.000000",
         "d 1.000000",
         "illum 1",
-        f"map_Kd {name}.png",
+        f"map_Kd {texture_name}",
         "",
     ])
-    _write(out / f"{name}.png", encode_png(texture))
+    _write(out / texture_name, encode_png(texture))
     _write(out / f"{name}.mtl", mtl.encode())
     _write(out / f"{name}.obj", ("\n".join(lines) + "\n").encode())
     return out / f"{name}.obj"
@@ -400,6 +404,23 @@ def make_procedural_object(index: int, seed: int, out_dir: str | Path) -> Path:
     """Write ``procedural-NNNN.obj`` + ``.mtl`` + ``.png`` into ``out_dir``; returns the ``.obj``."""
     mesh, texture = procedural_mesh(index, seed)
     return write_obj(mesh, texture, out_dir, procedural_id(index))
+
+
+def make_gso_object(index: int, seed: int, root: str | Path, name: str, texture_beside: bool = False) -> Path:
+    """Object ``index`` in the Google Scanned Objects layout under ``root/name``: ``meshes/model.obj``,
+    ``meshes/model.mtl`` (``map_Kd texture.png``, relative to ``meshes/``) and the texture where GSO
+    keeps it, ``materials/textures/texture.png`` - or beside the mesh (``texture_beside``), where the
+    ``.mtl`` says; plus a ``metadata.pbtxt`` naming it. Returns the object's folder."""
+    mesh, texture = procedural_mesh(index, seed)
+    folder = Path(root) / name
+    write_obj(mesh, texture, folder / "meshes", "model", texture_name="texture.png")
+    if not texture_beside:
+        tex = folder / "materials" / "textures"
+        tex.mkdir(parents=True, exist_ok=True)
+        os.replace(folder / "meshes" / "texture.png", tex / "texture.png")
+    _write(folder / "metadata.pbtxt", f'name: "{name}"\ndescription: "geco procedural object {index} (seed {seed})"\n'
+           .encode())
+    return folder
 
 
 def make_procedural_glb(index: int, seed: int, out_dir: str | Path) -> Path:

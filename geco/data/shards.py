@@ -36,6 +36,13 @@ live writer on this host is never touched; one on another host only once it has 
 for ``max_age_s``, so keep that longer than any pause of a writer (``dataset.stale_temp_hours``).
 Caveat: two containers sharing one hostname but not a pid namespace look like one host.
 
+One run's writes (:class:`DatasetRun`): the render stage and the pseudo-GT stage write their
+datasets the same way. A run cleans the temporaries of killed writers, reads what is committed
+(the index files) and the failures so far, decides what to compute (:func:`plan`), adds samples through a
+:class:`ShardWriter` (split by :func:`split_for`), records failures, and at the end writes a new
+manifest version and failures version **only when something changed** (new shards, new failures,
+another source list or settings hash), so a re-run with nothing to do writes nothing.
+
 Tar bytes are reproducible: members are written in sorted order with fixed mtime/uid/gid/mode
 in the ustar format, so the same samples in the same order give byte-identical shards.
 """
@@ -59,13 +66,16 @@ from geco import storage
 from geco.data.schema import SampleError, sanitize_object_id
 
 __all__ = [
+    "DatasetRun",
     "ShardExistsError",
     "ShardWriter",
     "clean_stale_temporaries",
     "committed_state",
     "current_samples",
     "index_uri",
+    "is_retryable",
     "list_manifest_versions",
+    "plan",
     "read_failures",
     "read_latest_manifest",
     "read_manifest",
@@ -613,3 +623,95 @@ def clean_stale_temporaries(output: str, max_age_s: float, now: float | None = N
                     os.unlink(entry.path)
                     removed.append(entry.path)
     return sorted(removed)
+
+
+# --------------------------------------------------------------------------------------------
+# one run's writes: what render and pseudo-GT share
+# --------------------------------------------------------------------------------------------
+def is_retryable(failure: Mapping[str, Any]) -> bool:
+    """Whether a recorded failure was the environment's (tried again on the next run). Rows
+    written before the flag existed: fetch failures were the environment's."""
+    return bool(failure.get("retryable", str(failure.get("reason", "")).startswith("fetch failed:")))
+
+
+def plan(ids: Iterable[str], hashes: Mapping[str, str], done: Mapping[str, str], prev_failures: Mapping[str, Mapping],
+         *, hash_field: str, force: bool = False, retry_failed: bool = False) -> tuple[list[str], int, int]:
+    """``(todo ids, skipped, previously_failed)``: an id is skipped when committed with the same
+    hash (``done``: id -> committed hash), and skipped as failed before when its last failure
+    row has the same hash in ``hash_field`` and was not :func:`is_retryable`."""
+    todo, skipped, previously_failed = [], 0, 0
+    for oid in ids:
+        h = hashes[oid]
+        prev = prev_failures.get(oid)
+        if not force and done.get(oid) == h:
+            skipped += 1
+        elif not force and not retry_failed and prev and prev.get(hash_field) == h and not is_retryable(prev):
+            previously_failed += 1
+        else:
+            todo.append(oid)
+    return todo, skipped, previously_failed
+
+
+class DatasetRun:
+    """One run's writes to a shard dataset at ``output`` (module docstring, "One run's writes").
+
+    ::
+
+        run = DatasetRun(out, samples_per_shard, val_fraction, stale_max_age_s)
+        todo, skipped, failed_before = plan(ids, hashes, run.done, run.prev_failures, hash_field="...")
+        if not todo and not run.changed(settings_hash, list_hash): ...   # nothing to do
+        run.add(sample, content_hash, object_id) / run.fail({...})
+        run.commit(settings_hash=..., source_list_hash=..., config=...)  # manifest + failures, if changed
+
+    An exception between construction and :meth:`commit`: call :meth:`abort` (discards the open
+    shards; committed ones stay and the next run resumes from them).
+    """
+
+    def __init__(self, output: str, samples_per_shard: int, val_fraction: float, stale_max_age_s: float):
+        self.output = str(output).rstrip("/")
+        self.val_fraction = val_fraction
+        self.stale_removed = clean_stale_temporaries(self.output, stale_max_age_s)
+        self.state = committed_state(self.output)
+        self.done: dict[str, str] = self.state["objects"]  # key -> content hash of its committed sample
+        self.prev_failures = {r["object_id"]: r for r in read_failures(self.output)}
+        self.failures: list[dict] = []  # this run's new failure rows
+        self.writer = ShardWriter(self.output, samples_per_shard, start_index=self.state["next_index"])
+        self.manifest_uri: str | None = None
+        self.failures_uri: str | None = None
+
+    def add(self, sample: Mapping[str, Any], content_hash: str, object_id: str) -> None:
+        """Add a checked sample; its split is :func:`split_for` of ``object_id``."""
+        self.writer.add(sample, content_hash, split_for(object_id, self.val_fraction))
+
+    def fail(self, row: Mapping[str, Any]) -> None:
+        """Record a failure row (``object_id``, ``reason``, ... see :func:`write_failures`)."""
+        self.failures.append(dict(row))
+
+    def changed(self, settings_hash: str, source_list_hash: str) -> bool:
+        """Whether a manifest version is due: new shards or failures in this run, no manifest yet,
+        or the latest one records another settings or source list hash."""
+        if self.writer.committed or self.failures:
+            return True
+        latest = read_latest_manifest(self.output)
+        return latest is None or latest.get("source_list_hash") != source_list_hash \
+            or latest.get("settings_hash") != settings_hash
+
+    @property
+    def new_shards(self) -> list[str]:
+        return [storage.join(self.output, c["shard"]) for c in self.writer.committed]
+
+    def commit(self, *, settings_hash: str, source_list_hash: str, config: Mapping[str, Any] | None = None,
+               extra: Mapping[str, Any] | None = None) -> tuple[str | None, str | None]:
+        """Commit the open shards, then a new manifest version and this run's failures version
+        when :meth:`changed`; returns ``(manifest_uri, failures_uri)`` (None: not written)."""
+        self.writer.close()
+        if self.changed(settings_hash, source_list_hash):
+            self.manifest_uri = write_manifest_version(self.output, settings_hash=settings_hash,
+                                                       source_list_hash=source_list_hash, config=config,
+                                                       failures=self.failures, extra=extra)
+        if self.failures:
+            self.failures_uri = write_failures(self.output, self.manifest_uri, self.failures)
+        return self.manifest_uri, self.failures_uri
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        self.writer.abort(exc)

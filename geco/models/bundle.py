@@ -25,7 +25,9 @@ error if anything tries to run the teacher (e.g. 75-step sampling).
 :func:`resolve_checkpoint` turns a URI into a local folder: a local path; an ``s3://`` prefix
 (downloaded through :mod:`geco.storage` into a cache); or an MLflow URI, ``runs:/<run>/<path>``,
 ``models:/<name>/<version>``, ``models:/<name>@<alias>`` (through ``mlflow.artifacts.download_artifacts``,
-using ``MLFLOW_TRACKING_URI`` or the ``tracking_uri`` argument).
+using the ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else the project's default
+``tracking.uri``, ``sqlite:///mlruns.db``). The registry's side (versions, aliases, metrics) is
+:mod:`geco.registry`; stages 1 and 2 log their bundle at ``runs:/<run>/weights/bundle``.
 
 Registering a bundle in the MLflow registry (MLflow 3.17): ``mlflow.register_model("runs:/<id>/<path>")``
 refuses a plain artifact folder in MLflow 3 (it looks for a LoggedModel: "Unable to find a
@@ -52,7 +54,7 @@ import torch
 from torch import nn
 
 from geco import storage
-from geco.config import LGMConfig, ModelsConfig, apply_overrides, validate
+from geco.config import LGMConfig, ModelsConfig, TrackingConfig, apply_overrides, validate
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MissingUNet",
     "TINY_MODELS",
+    "bundle_fingerprint",
     "check_bundle",
     "init_tiny_bundle",
     "load_bundle",
@@ -365,8 +368,9 @@ def _download_mlflow(uri: str, cache_dir, tracking_uri: str | None) -> Path:
     from mlflow.exceptions import MlflowException
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+    # the project's runs live where its config tracks them (default sqlite:///mlruns.db), not where
+    # MLflow looks by default (./mlflow.db): without an argument or MLFLOW_TRACKING_URI, look there
+    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or TrackingConfig().uri)
     # aliases move: download afresh every time, into a folder of its own
     dst = _cache_root(cache_dir) / "mlflow" / hashlib.sha256(uri.encode()).hexdigest()[:16] / uuid.uuid4().hex[:8]
     dst.mkdir(parents=True, exist_ok=True)
@@ -412,6 +416,21 @@ def resolve_checkpoint(uri: str | os.PathLike, cache_dir: str | os.PathLike | No
         raise _not_a_checkpoint(where, root)
     check_bundle(root)
     return root
+
+
+def bundle_fingerprint(uri: str) -> str:
+    """What identifies the bundle at ``uri`` without loading it: ``<uri>#<bundle_id>`` for a local
+    folder or an ``s3://`` prefix (a new id per save, so a bundle saved again at the same place
+    differs), the URI itself for MLflow URIs or where no ``geco.json`` can be read. For run names
+    of stages trained from a bundle (a re-trained input must not resume the old run)."""
+    uri = str(uri).strip()
+    if not uri or uri.startswith(MLFLOW_SCHEMES):
+        return uri
+    try:
+        manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
+    except Exception:  # noqa: BLE001 - unreadable here: the URI alone (loading reports the problem)
+        return uri
+    return f"{uri}#{manifest.get('bundle_id') or manifest.get('created', '')}"
 
 
 # ================================================================================================
@@ -528,17 +547,14 @@ def register_bundle(runs_uri: str, name: str = "geco", alias: str | None = None,
     Uses ``MlflowClient.create_model_version`` because MLflow 3's ``register_model`` accepts only
     LoggedModels (see the module docstring)."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+
+    from geco.registry import create_version  # lazy, as mlflow: the registry side of a bundle
 
     if not runs_uri.startswith("runs:/"):
         raise ValueError(f"expected a runs:/<run_id>/<path> URI, got {runs_uri!r}")
     run_id = runs_uri[len("runs:/"):].split("/", 1)[0]
     client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="GECO checkpoint bundles (geco.json layout)")
-    version = client.create_model_version(name, source=runs_uri, run_id=run_id, tags=tags)
+    version = create_version(client, name, runs_uri, run_id=run_id, tags=tags or {})
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return version

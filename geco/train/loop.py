@@ -84,6 +84,13 @@ def autocast(device: torch.device | str, mixed_precision: str = "no"):
     return contextlib.nullcontext()
 
 
+def no_autocast(device: torch.device | str):
+    """A block in float32 inside an autocast region (the rasterizer and rendering losses: gsplat on
+    CUDA wants float32); a no-op off CUDA, where :func:`autocast` never turns anything on."""
+    device = torch.device(device)
+    return torch.autocast(device_type="cuda", enabled=False) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def effective_precision(device: torch.device | str, mixed_precision: str) -> str:
     """What :func:`autocast` will actually do on ``device``: "bf16" or "no"."""
     return "bf16" if mixed_precision == "bf16" and torch.device(device).type == "cuda" else "no"
@@ -166,6 +173,13 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     from geco.metrics import mean_psnr
 
     return mean_psnr(pred, target)
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (e.g. ``("stage2", seed, rank, step)``): the same parts give the
+    same seed in every process (unlike ``hash()``), so a resumed run draws what an uninterrupted one would."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
 def config_hash(*parts: Any) -> str:

@@ -51,6 +51,7 @@ from geco.train.loop import (
     make_lr_scheduler,
     psnr,
 )
+from geco.train.loop import no_autocast as _no_autocast
 from geco.train.stream import batch_generator
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,6 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     flat = images.reshape(-1, *images.shape[-3:])
     out = F.interpolate(flat, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return out.reshape(*lead, *out.shape[-3:])
-
-
-def _no_autocast(device: torch.device):
-    import contextlib
-
-    return torch.autocast(device_type="cuda", enabled=False) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _at_size(views: dict, size: int) -> dict:

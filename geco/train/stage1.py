@@ -78,6 +78,7 @@ from geco.train.loop import (
     make_lr_scheduler,
     psnr,
 )
+from geco.train.loop import derived_seed as _seed
 
 log = logging.getLogger(__name__)
 
@@ -268,11 +269,6 @@ class _FullOptimizerState:
 # ================================================================================================
 # The task
 # ================================================================================================
-def _seed(*parts: Any) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
-
-
 def _resize_to_width(image: torch.Tensor, width: int) -> torch.Tensor:
     h, w = image.shape[-2:]
     if w == width:

@@ -9,7 +9,8 @@ A training stage (pretrain, stage 1, stage 2) is a few dozen lines around :func:
 which does, in order: the pre-flight (:func:`~pipelines.training.preflight.preflight`, which reads
 the manifest - the only read of it in the stage), the "already complete" shortcut, the train/val
 Datasets (:mod:`pipelines.training.datasets`), the stage's MLflow run (config as params, lineage
-tags, object counts; one child run per job when a stage has several), :func:`run_training` per job
+tags (:func:`geco.tracking.lineage_tags`: git commit, config hash, manifest URI and hash, the input
+URIs), object counts; one child run per job when a stage has several), :func:`run_training` per job
 (side by side with ``concurrent``), and the exported URIs as tags.
 
 :func:`run_training` runs one :class:`geco.train.loop.TrainTask` under Ray Train as configured by
@@ -41,7 +42,7 @@ from typing import Any, Mapping, Sequence
 from geco import faults, storage
 from geco.config import GecoConfig
 from geco.storage import absolute_uri
-from geco.tracking import start_run
+from geco.tracking import lineage_tags, start_run
 from pipelines.cluster import s3_filesystem
 from pipelines.training.datasets import DatasetInfo, split_info, training_datasets
 from pipelines.training.preflight import preflight
@@ -318,8 +319,9 @@ def run_training_stage(cfg: GecoConfig, stage: str, jobs: Sequence[TrainJob], *,
                                                    training_input=cfg.dataset.training_input)
         data[j.name] = {"train": train_ds, "val": val_ds}
 
+    lineage = lineage_tags(cfg, dataset_uri=dataset_uri, inputs=inputs)  # code, config, data, input weights
     with start_run(cfg.tracking, run_name=f"{cfg.name}/{stage}", parent_run_id=parent_run_id,
-                   tags={"geco.stage": stage}) as tracker:
+                   tags={"geco.stage": stage, **lineage}) as tracker:
         run_ids = {stage: tracker.run_id} if tracker.run_id else {}
         tracker.log_params(cfg.model_dump(mode="json"))
         tracker.set_tags({"geco.dataset_uri": dataset_uri, f"geco.{stage}.val_source": info.val_source,
@@ -337,7 +339,7 @@ def run_training_stage(cfg: GecoConfig, stage: str, jobs: Sequence[TrainJob], *,
         def train_in_child_run(j: TrainJob) -> TrainResult:
             # MLflow's active-run stack is per thread, and the tracker names its run: safe concurrently
             with start_run(cfg.tracking, run_name=f"{cfg.name}/{stage}/{j.name}", parent_run_id=tracker.run_id,
-                           tags={"geco.stage": f"{stage}/{j.name}"}) as child:
+                           tags={"geco.stage": f"{stage}/{j.name}", **lineage}) as child:
                 child.log_params(cfg.model_dump(mode="json"))
                 ids = {**run_ids, f"{stage}/{j.name}": child.run_id} if child.run_id else dict(run_ids)
                 result = train(j, child, ids)

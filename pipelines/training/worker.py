@@ -28,7 +28,9 @@ the MLflow run id and where outputs go. On every worker:
 Test-only fault points (:mod:`geco.faults`, inert unless ``GECO_TEST_FAULTS`` is set):
 ``kill-at-step`` right after an optimiser step and ``kill-in-checkpoint`` inside a checkpoint
 report (files written, report not sent). Ray Train then restarts the worker group, which resumes
-from the last checkpoint it collected. The driver forwards the switch to the workers.
+from the last checkpoint it collected. ``hold-at-step`` makes every rank record itself (pid, Ray
+node id) after that step, once, and wait for its node to be removed (tests/integration/test_node_loss.py).
+The driver forwards the switch to the workers.
 """
 from __future__ import annotations
 
@@ -86,6 +88,23 @@ def _test_fault(kind: str, step: int, rank: int) -> None:
         if step == n and rank == target and faults.once(marker, f"rank {rank} step {step} {kind}"):
             log.warning("%s: %s: killing worker rank %d at step %d", faults.ENV, kind, rank, step)
             os._exit(1)
+
+
+def _hold_fault(step: int, rank: int) -> None:
+    """``hold-at-step:<step>:<folder>``: every rank writes ``<folder>/rank-<r>`` (pid, Ray node id)
+    after that step, once, and waits (at most 10 min) for its node to be removed from under it."""
+    for args in faults.matching("hold-at-step"):
+        n, folder = int(args[0]), Path(args[1])
+        if step != n:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        import ray  # lazy, as elsewhere in this module
+
+        note = json.dumps({"pid": os.getpid(), "rank": rank, "step": step,
+                           "node_id": ray.get_runtime_context().get_node_id()})
+        if faults.once(folder / f"rank-{rank}", note):
+            log.warning("%s: rank %d holds after step %d for its node to be removed", faults.ENV, rank, step)
+            time.sleep(600)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +286,7 @@ def train_loop_per_worker(config: dict) -> None:
         progress.update(step, postfix, force=step == job.steps)
         rows_since += job.batch_size * job.grad_accumulation
         _test_fault("kill-at-step", step, rank)
+        _hold_fault(step, rank)
         if step % job.log_every == 0 or step == job.steps:
             now = time.perf_counter()
             span = max(now - t_log, 1e-9)

@@ -94,6 +94,7 @@ CASES = [
     ("missing bundle", ["models", "info", "{t}/no-ckpt"], ["{t}/no-ckpt"]),
     ("missing weights", ["weights", "verify", "{t}/no-weights"], ["{t}/no-weights"]),
     ("missing weights source", ["weights", "import", "{t}/no-src", "{t}/dest"], ["{t}/no-src"]),
+    ("missing results folder", ["report", "{t}/no-results"], ["{t}/no-results"]),
 ]
 
 

@@ -176,6 +176,66 @@ def test_s3_lost_mid_render_ends_in_one_line(lost_server, ray_local, tmp_path):
     watcher.join(timeout=5)
     _assert_one_line(e.value, f"{out}/", f"cannot reach S3 endpoint {lost_server.endpoint}", "AWS_ENDPOINT_URL")
 
+    # the server back (same address, same data): the re-run completes the dataset, nothing lost or twice
+    lost_server.start()
+    storage._client.cache_clear()
+    again = render.run(cfg)
+    assert again.rendered + again.skipped == 8 and again.failed == 0, again.summary()
+    _assert_each_object_once(out, 8)
+
+
+def _assert_each_object_once(out: str, n: int) -> None:
+    """The latest manifest lists each of the ``n`` objects exactly once, and every shard on S3 is
+    complete (has its index): nothing half-written visible."""
+    manifest = shards.read_latest_manifest(out)
+    keys = [s["key"] for shard in manifest["shards"] for s in shard["samples"]]
+    assert sorted(keys) == [f"procedural-{i:04d}" for i in range(n)], keys
+    state = shards.committed_state(out)
+    assert state["orphans"] == [] and len(state["shards"]) == len(manifest["shards"])
+
+
+@pytest.mark.blender
+@pytest.mark.slow
+def test_a_short_s3_outage_mid_render_is_retried(lost_server, ray_local, tmp_path, monkeypatch):
+    """The server gone for a few seconds while shards are written: botocore's retries with backoff
+    (GECO_S3_MAX_ATTEMPTS) carry the writes over the gap and the render completes."""
+    import threading
+
+    from geco.config import load_config
+    from pipelines import render
+
+    monkeypatch.setenv("GECO_S3_MAX_ATTEMPTS", "10")  # backoff up to ~20 s between tries: > the outage
+    storage._client.cache_clear()
+    out = lost_server.create_bucket("render") + "/shards"
+    cfg = load_config(None, [
+        "source.kind=procedural", "source.num_procedural=6", f"dataset.uri={out}",
+        "render.cond.resolution=32", "render.zero123.resolution=32", "models.teacher.tile_size=32", "render.random.count=1",
+        "render.random.resolution=32", "render.blender.samples=2", "render.blender.threads=1",
+        "dataset.samples_per_shard=1", "dataset.val_fraction=0.0", "ray.num_renderers=1",
+        "ray.cpus_per_renderer=0.5", f"cache.dir={tmp_path / 'cache'}", "cache.max_gb=1", "tracking.enabled=false"])
+    client = lost_server.client()
+    outage: dict = {}
+
+    def a_short_outage_after_the_first_shard():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            listed = client.list_objects_v2(Bucket="render").get("Contents", [])
+            if any(o["Key"].endswith(".tar") for o in listed):
+                outage["shards_before"] = sum(o["Key"].endswith(".tar") for o in listed)
+                lost_server.stop()
+                time.sleep(3)
+                lost_server.start()  # same ports, same data
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=a_short_outage_after_the_first_shard, daemon=True)
+    watcher.start()
+    res = render.run(cfg)
+    watcher.join(timeout=30)
+    assert 1 <= outage["shards_before"] < 6, outage  # the outage fell inside the render
+    assert res.rendered == 6 and res.failed == 0, res.summary()
+    _assert_each_object_once(out, 6)
+
 
 def test_the_pyarrow_filesystem_follows_the_same_timeouts(monkeypatch):
     """Ray Data/Train's S3 filesystem (pipelines/cluster.py) gives up on a stalled endpoint (a socket

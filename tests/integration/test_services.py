@@ -52,3 +52,54 @@ def test_unreachable_endpoint_fails_fast_with_a_clear_error(monkeypatch):
 def test_missing_bucket_is_named(s3_env):
     with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket' does not exist"):
         storage.check_writable("s3://no-such-bucket/x")
+
+
+def test_the_local_stack_serves_s3_and_mlflow_and_stops_on_ctrl_c(tmp_path):
+    """`make stack` (python -m infra.stack): S3 with the bucket, MLflow with its artifacts on it, the
+    variables to export printed; SIGINT stops every server it started."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import mlflow
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "infra.stack", "--dir", str(tmp_path / "stack")], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        env: dict[str, str] = {}
+        deadline = time.monotonic() + 180
+        while "MLFLOW_TRACKING_URI" not in env and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "the stack exited before it was up"
+            if line.startswith("export "):
+                k, v = line[len("export "):].strip().split("=", 1)
+                env[k] = v
+        assert urllib.request.urlopen(env["MLFLOW_TRACKING_URI"] + "/health", timeout=5).status == 200
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            storage._client.cache_clear()
+            storage.write_text("s3://geco/hello.txt", "hi")
+            assert storage.read_text("s3://geco/hello.txt") == "hi"
+            client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+            run = client.create_run(client.create_experiment("stack-test"))
+            (tmp_path / "a.txt").write_text("artifact")
+            client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))
+            assert [u for u in storage.listdir("s3://geco/mlartifacts") if u.endswith("/a.txt")]  # on the stack's S3
+        storage._client.cache_clear()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
+        code = proc.wait(timeout=120)
+    assert code == 0
+    import psutil
+
+    left = [p for p in psutil.process_iter(["cmdline"]) if any(str(tmp_path / "stack") in a
+                                                               for a in (p.info["cmdline"] or []))]
+    assert left == [], left

@@ -75,3 +75,20 @@ def test_stage1_inputs_from_a_pretrain_output(tmp_path):
     assert default_inputs(cfg, teacher="tiny").teacher_uri == "tiny"  # `--teacher tiny`
     with pytest.raises(TrainSetupError, match="no reconstructor weights"):
         default_inputs(cfg, reconstructor=str(tmp_path))
+
+
+def test_pseudo_gt_runs_the_teacher_and_reconstructor_stage1_uses(tmp_path):
+    from pipelines.dag import STAGES, STEPS, pseudo_gt_inputs
+    from pipelines.pretrain import PretrainOutputs
+    from pipelines.render import RenderOutputs
+
+    assert STAGES.index("pseudo_gt") == STAGES.index("stage1") + 1 and STEPS["pseudo_gt"].inputs is pseudo_gt_inputs
+    trained = write_pretrain_output(tmp_path / "p")
+    pre = PretrainOutputs(output_uri=str(trained), uris={"teacher": str(trained / "teacher"),
+                                                         "reconstructor": str(trained / "reconstructor")})
+    rendered = RenderOutputs(dataset_uri=str(tmp_path / "shards"), manifest_uri=None, failures_uri=None)
+    cfg = load_config(None, [f"pretrain.output_uri={tmp_path / 'none'}"])
+    inputs = pseudo_gt_inputs(_ctx(cfg, render=rendered, pretrain=pre))
+    assert inputs.dataset_uri == str(tmp_path / "shards")
+    assert (inputs.teacher_uri, inputs.reconstructor_uri) == (
+        str(trained / "teacher"), str(trained / "reconstructor" / "model.safetensors"))

@@ -197,3 +197,23 @@ def test_a_render_settings_change_re_renders_and_a_timeout_change_does_not(tmp_p
         res = render.run(config(src, out, "source.kind=dir", change))
         assert fake.asked[-1] == ids and res.rendered == 3, (change, res.summary())
         assert live_keys(out) == ids  # the new renders supersede the old ones: each object once
+
+
+def test_a_rerun_with_nothing_to_do_opens_no_mlflow_run(tmp_path):
+    """Issue #10 item 11: a no-op re-run says "nothing to do" and creates no MLflow run."""
+    import mlflow
+
+    src, out, db = tmp_path / "objs", tmp_path / "out", tmp_path / "mlruns.db"
+    make_procedural_glb(0, 0, src)
+    cfg = config(src, out, "source.kind=dir", "tracking.enabled=true", f"tracking.uri=sqlite:///{db}",
+                 "tracking.experiment=noop", "name=noop")
+    commit(out, cfg, ["procedural-0000"])
+    first = render.run(cfg)  # nothing to render, but no manifest yet: a version is written, and tracked
+    assert first.manifest_uri and first.mlflow_run_id and not first.nothing_to_do
+    again = render.run(cfg)
+    assert again.nothing_to_do and again.mlflow_run_id is None and (again.manifest_uri, again.failures_uri) == (None, None)
+    assert again.summary().startswith("render: nothing to do; 0 rendered, 1 skipped (already done)")
+    assert versions(out) == ([1], [])
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("noop")
+    assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [first.mlflow_run_id]

@@ -1,0 +1,1 @@
+"""Deployment and the local development stack (not part of the installed library)."""
