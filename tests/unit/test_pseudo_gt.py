@@ -128,7 +128,7 @@ def test_samples_decode_and_their_ply_renders_what_their_views_show(pseudo_gt):
 def test_pseudo_gt_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     from cli.main import main
 
-    base = ["pseudo-gt", "--output", str(tmp_path / "pgt"), "--set", f"pretrain.output_uri={tmp_path / 'none'}"]
+    base = ["pseudo-gt", "--output", str(tmp_path / "pgt"), "--teacher", "tiny", "--set", f"pretrain.output_uri={tmp_path / 'none'}"]
     for o in TINY:
         base += ["--set", o]
 
