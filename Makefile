@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[render,dev]'
 	touch $@
 
-demo: install  # the whole DAG (render -> pretrain -> stage1 -> stage2) on the embedded default; re-running is free
+demo: install  # the whole DAG (render -> pretrain -> stage1 -> pseudo_gt -> stage2 -> evaluate -> register) on the embedded default; re-running is free
 	$(VENV)/bin/geco run --config configs/local.yaml
 
 test: install

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_run_parser(sub) -> None:
     from pipelines.dag import STAGES  # light: pipelines.dag imports its stages lazily
 
-    d = sub.add_parser("run", help="the whole DAG (render -> pretrain -> stage1) under one MLflow parent run; "
+    d = sub.add_parser("run", help="the whole DAG (render -> pretrain -> stage1 -> pseudo_gt -> stage2 -> evaluate -> register) under one MLflow parent run; "
                                    "re-running does only what is missing")
     _add_config_args(d)
     d.add_argument("--stages", metavar="A,B", default=None,

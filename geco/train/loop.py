@@ -165,6 +165,20 @@ def make_adamw(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay:
                              weight_decay=weight_decay)
 
 
+def job_optimizer(params: Iterable[torch.nn.Parameter], job: Any, ctx: "WorkerContext"
+                  ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR, GradientStep]:
+    """The recipe of a task with one optimiser, from its job config (``TrainJobConfig``): AdamW
+    (``lr``, ``weight_decay``, ``adam_betas``) over the parameters that require grad, the job's
+    learning-rate schedule, and the :class:`GradientStep` (accumulation, clipping, precision)."""
+    params = [p for p in params if p.requires_grad]
+    optimizer = make_adamw(params, lr=job.lr, weight_decay=job.weight_decay, betas=job.adam_betas)
+    scheduler = make_lr_scheduler(optimizer, schedule=job.lr_schedule, warmup_steps=job.lr_warmup_steps,
+                                  total_steps=job.steps, min_ratio=job.lr_min_ratio)
+    stepper = GradientStep(params, optimizer, scheduler, accumulation=job.grad_accumulation,
+                           max_grad_norm=job.max_grad_norm, device=ctx.device, mixed_precision=ctx.mixed_precision)
+    return optimizer, scheduler, stepper
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers for tasks
 # ---------------------------------------------------------------------------------------------

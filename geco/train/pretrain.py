@@ -42,13 +42,11 @@ from geco.images import grid, labeled_grid, to_uint8
 from geco.metrics import paired_psnr_margin
 from geco.train.loop import (
     EvalResult,
-    GradientStep,
     StepPlan,
     TrainTask,
     WorkerContext,
     config_hash,
-    make_adamw,
-    make_lr_scheduler,
+    job_optimizer,
     psnr,
 )
 from geco.train.loop import no_autocast as _no_autocast
@@ -147,13 +145,7 @@ class TeacherPretrainTask(TrainTask):
         self.loss_module = _TeacherLoss(teacher, job)
         self.model = ctx.prepare(self.loss_module)  # DDP in a distributed run
         self._train_mode()
-        params = [p for p in self.loss_module.parameters() if p.requires_grad]
-        self.optimizer = make_adamw(params, lr=job.lr, weight_decay=job.weight_decay, betas=job.adam_betas)
-        self.scheduler = make_lr_scheduler(self.optimizer, schedule=job.lr_schedule, warmup_steps=job.lr_warmup_steps,
-                                           total_steps=job.steps, min_ratio=job.lr_min_ratio)
-        self.stepper = GradientStep(params, self.optimizer, self.scheduler, accumulation=job.grad_accumulation,
-                                    max_grad_norm=job.max_grad_norm, device=ctx.device,
-                                    mixed_precision=ctx.mixed_precision)
+        self.optimizer, self.scheduler, self.stepper = job_optimizer(self.loss_module.parameters(), job, ctx)
 
     def _train_mode(self, on: bool = True) -> None:
         # only the trained parts; the frozen CLIP encoders stay in eval mode
@@ -281,12 +273,7 @@ class ReconstructorPretrainTask(TrainTask):
                 self.lpips = loss.to(ctx.device)
         self.loss_module = _ReconstructorLoss(model, self.lpips)
         self.model = ctx.prepare(self.loss_module)
-        self.optimizer = make_adamw(model.parameters(), lr=job.lr, weight_decay=job.weight_decay, betas=job.adam_betas)
-        self.scheduler = make_lr_scheduler(self.optimizer, schedule=job.lr_schedule, warmup_steps=job.lr_warmup_steps,
-                                           total_steps=job.steps, min_ratio=job.lr_min_ratio)
-        self.stepper = GradientStep(model.parameters(), self.optimizer, self.scheduler,
-                                    accumulation=job.grad_accumulation, max_grad_norm=job.max_grad_norm,
-                                    device=ctx.device, mixed_precision=ctx.mixed_precision)
+        self.optimizer, self.scheduler, self.stepper = job_optimizer(model.parameters(), job, ctx)
 
     @property
     def lpips_enabled(self) -> bool:

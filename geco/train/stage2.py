@@ -46,14 +46,12 @@ from geco.distill.consistency import ConsistencyObjective, ConsistencyStep, pick
 from geco.images import grid, hstack_images, labeled_grid, to_uint8
 from geco.train.loop import (
     EvalResult,
-    GradientStep,
     StepPlan,
     TrainTask,
     WorkerContext,
     config_hash,
     derived_seed,
-    make_adamw,
-    make_lr_scheduler,
+    job_optimizer,
     psnr,
 )
 from geco.train.pretrain import _at_size
@@ -121,13 +119,7 @@ class Stage2Task(TrainTask):
                 log.warning("stage2: the LPIPS term is off (%s); training on MSE(RGB) + MSE(alpha)", loss.reason)
         self.objective = ConsistencyObjective(gen, self.reconstructor, self.lpips, s.lambda_lpips)
         self.model = ctx.prepare(self.objective)  # DDP over the generator in a distributed run
-        params = [p for p in gen.unet.parameters() if p.requires_grad]
-        self.optimizer = make_adamw(params, lr=job.lr, weight_decay=job.weight_decay, betas=job.adam_betas)
-        self.scheduler = make_lr_scheduler(self.optimizer, schedule=job.lr_schedule, warmup_steps=job.lr_warmup_steps,
-                                           total_steps=job.steps, min_ratio=job.lr_min_ratio)
-        self.stepper = GradientStep(params, self.optimizer, self.scheduler, accumulation=job.grad_accumulation,
-                                    max_grad_norm=job.max_grad_norm, device=ctx.device,
-                                    mixed_precision=ctx.mixed_precision)
+        self.optimizer, self.scheduler, self.stepper = job_optimizer(gen.unet.parameters(), job, ctx)
         self.step = ConsistencyStep(self.teacher, self.model, self.stepper, views_per_step=s.views_per_step,
                                     use_saved_noise=s.use_saved_noise)
 
