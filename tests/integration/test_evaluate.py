@@ -117,8 +117,9 @@ def test_mlflow_run(evaluation):
     assert m["teacher/gso/zero123/psnr"] == pytest.approx(out.metrics["teacher"]["gso/zero123/psnr"])
     assert "gso/orbit/lpips" not in m and m["leakage_clean"] == 0.0
     tags = run.data.tags
-    assert (tags.get("geco.git.commit") or tags["geco.git_commit"]) and tags["geco.config_hash"] and tags["geco.checkpoint.stage1"].endswith("bundle")
-    assert tags["geco.dataset_uri"].endswith("shards") and tags["geco.manifest"].endswith("v000001.json")
+    assert tags["geco.git.commit"] and tags["geco.config_hash"] and tags["geco.checkpoint.stage1"].endswith("bundle")
+    assert tags["geco.input.checkpoint.stage1"] == tags["geco.checkpoint.stage1"]  # the lineage tags (geco.tracking)
+    assert tags["geco.dataset.uri"].endswith("shards") and tags["geco.dataset.manifest_uri"].endswith("v000001.json")
     assert tags["geco.evaluate.leakage"].startswith("LEAKAGE")
     arts = {a.path for a in client.list_artifacts(out.mlflow_run_id, "evaluation")}
     assert {"evaluation/summary.json", "evaluation/objects.csv", "evaluation/images"} <= arts
