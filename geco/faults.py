@@ -20,7 +20,8 @@ The value is a comma-separated list of faults, each ``<kind>:<arg>:<arg>...``:
                                                       and waits for its node to be removed
 ``kill-actor:<object id>:<marker>``                   a render actor closes its Blender, then exits
 ``sigkill-actor:<object id>:<marker>``                a render actor is SIGKILLed while its Blender
-                                                      renders that object (no clean-up at all)
+                                                      renders that object (no clean-up at all; the
+                                                      child holds the object until the actor is gone)
 ``hang:<object id>``                                  the Blender child sleeps forever on that object
 ``crash:<object id>``                                 the Blender child exits after its first frame
 ====================================================  ==================================================

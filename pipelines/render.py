@@ -157,11 +157,16 @@ class RenderActor:
         for oid, marker in faults.matching("sigkill-actor"):
             if oid == object_id and faults.once(marker, "sigkill-actor"):
                 def sigkill(marker: str = marker) -> None:
+                    # once this object's Blender child holds it (geco.render.blender.server writes
+                    # "holding" and waits for the line below): the kill lands mid-render
+                    deadline = time.monotonic() + 120
+                    while time.monotonic() < deadline and "holding " not in Path(marker).read_text():
+                        time.sleep(0.05)
                     with open(marker, "a") as f:
                         f.write(f"blender {self.renderer.pid}\n")
                     os.kill(os.getpid(), signal.SIGKILL)
 
-                threading.Timer(1.0, sigkill).start()
+                threading.Thread(target=sigkill, daemon=True).start()
 
     def _render_one(self, ref: ObjectRef, cams: list[dict] | None = None) -> dict:
         """Render ``ref`` at ``cams`` (cameras.json records, cond first; default: the render config's

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from geco.config import load_config
+from tests.console import own_lines
 from tests.unit.test_consistency import MODELS, make_rows
 
 pytestmark = [pytest.mark.slow]
@@ -169,10 +170,10 @@ def test_bad_input_is_one_line(tmp_path, bundle, ray_local, capsys):
     cfg = tiny_config(tmp_path, ["tracking.enabled=false"], *_job(steps=2, max_failures=0))
     capsys.readouterr()
     assert main(_cli(cfg, tmp_path, "--pseudo-gt", bad, "--bundle", bundle)) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = own_lines(capsys.readouterr().err.strip())[-1]
     assert err.startswith("geco: stage2: training failed") and "shard-000000.tar: object 'blob-1'" in err, err
     assert "cameras.json has 9 view camera(s) but the sample holds 10 view image(s)" in err, err
 
     assert main(_cli(cfg, tmp_path, "--pseudo-gt", bad, "--bundle", str(tmp_path / "nope"))) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err.strip())
     assert len(err) == 1 and err[0].startswith(f"geco: --bundle={tmp_path / 'nope'}: ") and "no such checkpoint" in err[0]

@@ -9,7 +9,6 @@ one of the ``ray_local`` fixture (2 CPUs, no GPU).
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from cli.main import main
 from geco.config import load_config
 from geco.data.shards import ShardWriter, write_manifest_version
+from tests.console import own_lines
 
 
 def make_dataset(root: Path | str, n: int = 4, per_shard: int = 2) -> str:
@@ -52,17 +52,12 @@ stage1:
     return cfg_file, data, written
 
 
-# lines Ray forwards to the driver's stderr from its own processes, e.g. "(PlacementGroupCleaner pid=1)
-# ..." left over from an earlier test's Ray Train run on the shared local Ray: not ours to count
-RAY_LOG_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")
-
-
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
     """(exit status, what geco printed to stderr)."""
     capsys.readouterr()
     rc = main(list(argv))
     err = capsys.readouterr().err
-    return rc, "".join(ln for ln in err.splitlines(keepends=True) if not RAY_LOG_LINE.match(ln))
+    return rc, "".join(f"{ln}\n" for ln in own_lines(err))
 
 
 def assert_nothing_written(written: list[Path]) -> None:

@@ -28,7 +28,11 @@ Test-only fault points (:mod:`geco.faults`, inert unless ``GECO_TEST_FAULTS`` is
 ``hang:<object_id>`` makes the server sleep forever when asked to render that object;
 ``crash:<object_id>`` makes it ``os._exit(1)`` after the first rendered frame of that object
 (mid-render). Used by tests/integration/test_blender_render.py to exercise the worker's timeout
-and crash handling.
+and crash handling. ``sigkill-actor:<object_id>:<marker>`` (its actor SIGKILLs itself, see
+pipelines/render.py): the server appends ``holding <pid>`` to the marker when asked to render that
+object, then holds it (at most 60 s) until the actor has written ``blender <pid>`` just before
+dying, so the kill always lands mid-render however fast the render would be; a retry (that line
+already there) renders at once.
 """
 from __future__ import annotations
 
@@ -87,6 +91,23 @@ def _inject_fault(object_id: str) -> None:
             os._exit(1)
 
         bpy.app.handlers.render_post.append(_crash)
+    for oid, marker in faults.matching("sigkill-actor"):
+        if oid == object_id:
+            if "blender " in _read(marker):
+                continue
+            with open(marker, "a") as f:
+                f.write(f"holding {os.getpid()}\n")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "blender " not in _read(marker):
+                time.sleep(0.1)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
 
 
 def _exit_with_parent(poll_s: float = 1.0) -> None:

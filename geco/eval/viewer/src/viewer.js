@@ -17,8 +17,8 @@
 // orbits the origin with z up, so the Gaussians are shown as they were generated, unrotated.
 //
 // State for people and tests: the container's data-state is "loading", "ready" (the model's first
-// frames are drawn) or "error" (with the reason in the status line and on the console), and
-// data-shown names the key on screen.
+// frames are drawn once Spark shows its splats, see splatsShown) or "error" (with the reason in the
+// status line and on the console), and data-shown names the key on screen.
 import * as THREE from "three";
 import { OrbitControls } from "three/addons/controls/OrbitControls.js";
 import { SparkRenderer, SplatMesh } from "@sparkjsdev/spark";
@@ -65,8 +65,16 @@ class Viewer {
     this.renderer.setSize(w, h);
     this.renderer.setClearColor(0xffffff, 1);
     container.appendChild(this.renderer.domElement);
+    // a lost WebGL context (a GPU reset, or memory pressure on a software rasterizer) draws nothing:
+    // say so rather than stand "ready" over a blank canvas
+    this.renderer.domElement.addEventListener("webglcontextlost", () => {
+      this.container.dataset.state = "error";
+      this.setStatus("the browser lost this page's WebGL context: reload the page to see the model");
+      console.error("GECO viewer: WebGL context lost");
+    });
     this.scene = new THREE.Scene();
-    this.scene.add(new SparkRenderer({ renderer: this.renderer }));
+    this.spark = new SparkRenderer({ renderer: this.renderer });
+    this.scene.add(this.spark);
     this.camera = new THREE.PerspectiveCamera(CAMERA.fovDeg, w / h, 0.01, 100);
     this.camera.up.set(0, 0, 1);
     const el = THREE.MathUtils.degToRad(CAMERA.elevationDeg);
@@ -84,7 +92,17 @@ class Viewer {
   frame() {
     this.controls.update();
     this.renderer.render(this.scene, this.camera);
-    if (this.framesLeft > 0 && --this.framesLeft === 0) this.container.dataset.state = "ready";
+    if (this.framesLeft > 0 && this.splatsShown() && --this.framesLeft === 0) this.container.dataset.state = "ready";
+  }
+
+  // Spark sorts the splats in a web worker and swaps in the accumulator it displays when a sort lands,
+  // some frames after a mesh joins the scene (many on a slow machine): until then the canvas shows
+  // nothing, or the previous model. These are SparkRenderer fields of the pinned Spark 2.2
+  // (package.json); without them a few frames stand in.
+  splatsShown() {
+    const display = this.spark.display;
+    if (!display || !Array.isArray(display.mapping)) return true;
+    return this.spark.activeSplats > 0 && display.mapping.some((m) => m.node === this.mesh);
   }
 
   setStatus(text) {
