@@ -22,7 +22,7 @@ demo: install  # the whole DAG (render -> pretrain -> stage1 -> pseudo_gt -> sta
 	$(VENV)/bin/geco run --config configs/local.yaml
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not blender"

@@ -34,6 +34,7 @@ inherit the variable through :func:`forward` or their parent's environment.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 ENV = "GECO_TEST_FAULTS"
@@ -57,11 +58,17 @@ def matching(kind: str) -> list[list[str]]:
 def once(marker: str | Path, note: str) -> bool:
     """True the first time a fault with this marker file fires (the file is then created, holding
     ``note`` and this pid); False once it exists."""
+    # written aside, then linked into place: the link fails if the marker exists (fire once), and a
+    # reader polling for the marker never sees it empty
+    marker = Path(marker)
+    aside = marker.with_name(f".{marker.name}.{os.getpid()}.{threading.get_ident()}")
+    aside.write_text(f"pid {os.getpid()} {note}\n")
     try:
-        with open(marker, "x") as f:
-            f.write(f"pid {os.getpid()} {note}\n")
+        os.link(aside, marker)
     except FileExistsError:
         return False
+    finally:
+        aside.unlink()
     return True
 
 

@@ -63,7 +63,7 @@ def main(out: Path) -> dict:
                     return
                 time.sleep(0.05)
 
-        watcher = threading.Thread(target=lose_a_render_node, daemon=True)
+        watcher = threading.Thread(target=_recording(result, lose_a_render_node), daemon=True)
         watcher.start()
         t0 = time.perf_counter()
         res = render.run(load_config(None, base))
@@ -78,7 +78,8 @@ def main(out: Path) -> dict:
         def lose_a_training_node() -> None:
             deadline = time.monotonic() + 900
             while time.monotonic() < deadline:
-                marks = [json.loads(p.read_text()) for p in holds.glob("rank-*")] if holds.exists() else []
+                # each holds "pid <pid> <json>" (geco.faults.once)
+                marks = [json.loads(p.read_text().split(" ", 2)[2]) for p in holds.glob("rank-*")]
                 if len(marks) == 2:
                     victim = next(m for m in sorted(marks, key=lambda m: -m["rank"]) if m["node_id"] != head_id)
                     node = next(n for n in workers if n.node_id == victim["node_id"])
@@ -88,7 +89,7 @@ def main(out: Path) -> dict:
                     return
                 time.sleep(0.1)
 
-        watcher = threading.Thread(target=lose_a_training_node, daemon=True)
+        watcher = threading.Thread(target=_recording(result, lose_a_training_node), daemon=True)
         watcher.start()
         job = {"steps": 6, "checkpoint_every": 2, "eval_every": 0, "num_workers": 2, "batch_size": 1,
                "cpus_per_worker": 0.75, "max_failures": 2, "log_every": 1, "torch_threads": 1, "keep_checkpoints": 2,
@@ -104,6 +105,17 @@ def main(out: Path) -> dict:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _recording(result: dict, watch):
+    """``watch``, with any error it raises kept in ``result["errors"]`` (a thread's exception is
+    otherwise only printed, and the test would see a node that was simply never lost)."""
+    def run() -> None:
+        try:
+            watch()
+        except Exception as e:  # noqa: BLE001 - reported through the result
+            result.setdefault("errors", []).append(f"{watch.__name__}: {type(e).__name__}: {e}")
+    return run
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def test_nodes_lost_mid_render_and_mid_training(tmp_path):
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(result)
+    assert "errors" not in result, result["errors"]
 
     # render: the node went away after the first commit and before the last object
     assert 1 <= result["render_committed_when_lost"] < 8, result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 from geco import faults
@@ -28,6 +29,19 @@ def test_a_marked_fault_fires_once(tmp_path):
     assert faults.once(marker, "rank 1 step 3")
     assert not faults.once(marker, "rank 1 step 3")
     assert "rank 1 step 3" in Path(marker).read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["fired"]  # nothing left aside
+
+
+def test_racing_processes_fire_a_marker_once(tmp_path):
+    """Every rank of a training job reaches the same fault point at once: exactly one fires."""
+    marker, fired = tmp_path / "rank-0", []
+    threads = [threading.Thread(target=lambda: fired.append(faults.once(marker, "hold"))) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(fired) == [False] * 15 + [True]
+    assert [p.name for p in tmp_path.iterdir()] == ["rank-0"]
 
 
 def test_no_other_module_names_a_fault_variable():
