@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -427,9 +428,15 @@ def test_hang_times_out_and_crash_reports_log_then_next_object_renders(tmp_path)
         assert r.startups == 3
 
 
-def test_fresh_process_and_recycling(tmp_path):
+def test_fresh_process_and_recycling(tmp_path, monkeypatch):
+    """Fresh processes, recycled ones: and none leaves a temporary folder behind (Blender's own
+    blender_XXXXXX, which its os._exit never removes, lives inside the renderer's and goes with it)."""
     from geco.render.blender.worker import BlenderRenderer
 
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read $TMPDIR
     cfg = _render_config(res=32, n_random=0, samples=2)
     settings = blender_settings(cfg)
     glb = write_plain_glb(tmp_path / "ok.glb")
@@ -444,6 +451,7 @@ def test_fresh_process_and_recycling(tmp_path):
             res = r.render(f"g{k}", glb, cameras_for(f"g{k}", cfg), settings, tmp_path / f"g{k}", timeout_s=60)
             assert res.ok, res.reason
         assert r.startups == 2
+    assert list(tmp.iterdir()) == []
 
 
 def test_startup_failure_is_a_failed_result_not_an_exception(tmp_path):

@@ -124,6 +124,9 @@ class BlenderRenderer:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         self._tmp_dir = tempfile.mkdtemp(prefix="geco-bproc-")
+        # Blender makes its own temporary folder (blender_XXXXXX) under $TMPDIR and removes it at a clean
+        # exit, which the server never has (it leaves with os._exit): inside ours, it goes with ours
+        env["TMPDIR"] = self._tmp_dir
         try:
             self._proc = subprocess.Popen(
                 [self.python, "-m", "geco.render.blender.server", "--in", str(req_r), "--out", str(rep_w),
