@@ -8,6 +8,7 @@
     geco pseudo-gt --config configs/local.yaml [--data URI] [--output URI] [--teacher URI] [--reconstructor URI]
     geco train stage2 --config configs/local.yaml [--pseudo-gt URI] [--bundle URI]   # 3D consistency
     geco run --config configs/local.yaml [--set k=v ...] [--stages render,pretrain]  # the whole DAG
+    geco retrain --config configs/local.yaml [--set k=v ...] [--force]  # new objects -> continue from production
     geco report RESULTS_DIR                                     # re-write an evaluation's report page
     geco register BUNDLE_URI [--metrics FILE.json [--model NAME]] --config ...  # a model version + aliases
     geco evaluate --checkpoint stage1=URI [--checkpoint teacher=URI ...] [--gso FOLDER] [--dataset URI]  # GSO metrics
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_models_parser(sub)
     _add_train_parser(sub)
     _add_run_parser(sub)
+    _add_retrain_parser(sub)
     _add_report_parser(sub)
     _add_register_parser(sub)
     _add_evaluate_parser(sub)
@@ -91,6 +93,38 @@ def _run_main(args) -> int:
         return code
     except Exception as e:  # before any stage ran (e.g. the cluster cannot run a training job)
         code = _report_failure(e, str(e), "run")
+        if code is None:
+            raise
+        return code
+
+
+def _add_retrain_parser(sub) -> None:
+    r = sub.add_parser("retrain", help="scheduled retraining: render the objects added to or changed in the source, "
+                                       "continue training from the production model, evaluate, and move the production "
+                                       "alias only if nothing regressed (exit 3 when it stays)")
+    _add_config_args(r)
+    r.add_argument("--force", action="store_true", help="train and evaluate even when nothing changed")
+
+
+def _retrain_main(args) -> int:
+    from pipelines import dag, retrain
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = retrain.run(cfg, force=args.force, progress=lambda text: print(text, flush=True))
+        _print_summary(result.summary())
+        return result.exit_status
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except retrain.RetrainError as e:
+        return _fail(str(e))
+    except dag.StageFailed as e:
+        code = _report_failure(e.cause, f"retrain: {e}", e.stage)
+        if code is None:
+            raise
+        return code
+    except Exception as e:  # before any stage ran: the source, the registry, the cluster
+        code = _report_failure(e, f"retrain: {e}", "retrain")
         if code is None:
             raise
         return code
@@ -566,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train_main(args)
     if args.command == "run":
         return _run_main(args)
+    if args.command == "retrain":
+        return _retrain_main(args)
     if args.command == "report":
         return _report_main(args)
     if args.command == "register":

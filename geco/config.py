@@ -642,6 +642,30 @@ class Stage2Config(_Strict):
     use_saved_noise: bool = True
 
 
+class RetrainConfig(_Strict):
+    """`geco retrain` (pipelines/retrain.py): render what the source added or changed since the dataset
+    version the production model was trained on, continue training from that model, evaluate, and
+    move the production alias only under registry's promotion rule."""
+
+    # every retraining run writes its training outputs under <output_uri>/<run key>/ (stage1/, stage2/,
+    # train/, evaluate/): the key names the production version it starts from and the source it sees,
+    # so a re-run of a failed retraining resumes and two retrainings never share checkpoints
+    output_uri: str = "outputs/retrain"
+    # the DAG stages a retraining runs, in DAG order (pretrain is not one: the teacher stays the teacher)
+    stages: list[Literal["render", "stage1", "pseudo_gt", "stage2", "evaluate", "register"]] = [
+        "render", "stage1", "pseudo_gt", "stage2", "evaluate", "register"]
+    # the lease <dataset.uri>/leases/retrain.json that keeps two overlapping runs from both writing:
+    # renewed every lease_ttl_s / 3 while the run lives; a holder that died frees it after lease_ttl_s
+    lease_ttl_s: float = Field(3600.0, ge=10)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_ok(cls, v: list[str]) -> list[str]:
+        if "stage1" not in v:
+            raise ValueError("must include stage1: a retraining continues training the production generator")
+        return v
+
+
 class GecoConfig(_Strict):
     """The whole DAG in one flat config; each stage reads the sections it needs."""
 
@@ -660,6 +684,7 @@ class GecoConfig(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()  # the GSO evaluation (PSNR/SSIM/LPIPS, CD/vIoU/F-score, seconds)
     pseudo_gt: PseudoGTConfig = PseudoGTConfig()  # teacher -> reconstructor -> rendered views, for stage 2
     stage2: Stage2Config = Stage2Config()  # 3D-consistency fine-tuning of the generator
+    retrain: RetrainConfig = RetrainConfig()  # `geco retrain`: scheduled retraining with a promotion guard
 
     @field_validator("name")
     @classmethod

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from geco.config import ConfigError, GecoConfig
-from geco.tracking import lineage_tags, start_run
+from geco.tracking import lineage_tags, manifest_lineage, start_run
 from pipelines.stage import (
     EvaluateInputs,
     PretrainInputs,
@@ -212,7 +212,9 @@ def register_inputs(ctx: DagContext) -> RegisterInputs:
     metrics = {k: v for k, v in ((getattr(evaluate, "metrics", None) or {}).get(final) or {}).items()
                if v is not None}  # None: a metric evaluate could not compute (e.g. LPIPS without weights)
     lineage = {"bundle_stage": final, "bundle_run_id": bundle_run, "dag_run_id": ctx.parent_run_id or "",
-               "dataset_uri": _dataset_uri(ctx)}
+               "dataset_uri": _dataset_uri(ctx),
+               # the dataset version trained on: `geco retrain` starts from what came after it
+               "dataset_manifest_uri": manifest_lineage(_dataset_uri(ctx))[0]}
     lineage.update({f"{s}_run_id": out.mlflow_run_id for s, out in ctx.outputs.items()
                     if getattr(out, "mlflow_run_id", None)})
     return RegisterInputs(bundle_uri=bundle_uri, metrics=metrics,
@@ -288,10 +290,14 @@ def _check_cluster(cfg: GecoConfig, todo: list[str]) -> None:
 
 
 def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
-        progress: Callable[[str], None] | None = None) -> DagOutputs:
-    """Run ``stages`` (default: all, in DAG order) under one MLflow parent run ``<cfg.name>/dag``.
+        progress: Callable[[str], None] | None = None, before_stage: Callable[[str], None] | None = None,
+        run_name: str | None = None, tags: dict[str, str] | None = None) -> DagOutputs:
+    """Run ``stages`` (default: all, in DAG order) under one MLflow parent run ``<cfg.name>/dag``
+    (``run_name`` instead, with ``tags`` added: a retraining is a DAG run of its own name).
 
-    ``progress``, when given, receives each stage's own summary as it finishes (the CLI prints it).
+    ``progress``, when given, receives each stage's own summary as it finishes (the CLI prints it);
+    ``before_stage``, each stage's name before it starts (a retraining checks its lease there: what it
+    raises fails the run before the stage writes anything).
     Raises :class:`ConfigError` for an unknown stage name and :class:`TrainSetupError` when the Ray
     cluster cannot run a training job the DAG would start (both before any work), and
     :class:`StageFailed` when a stage fails (the parent run is then marked FAILED)."""
@@ -303,8 +309,9 @@ def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
     t0 = time.perf_counter()
     outputs = DagOutputs(name=cfg.name)
     configured = {f"models.{m}": getattr(cfg.models, m).pretrained for m in ("teacher", "generator", "reconstructor")}
-    with start_run(cfg.tracking, run_name=f"{cfg.name}/dag", tags={
-            "geco.stage": "dag", **lineage_tags(cfg, dataset_uri=cfg.dataset.uri, inputs=configured)}) as tracker:
+    with start_run(cfg.tracking, run_name=run_name or f"{cfg.name}/dag", tags={
+            "geco.stage": "dag", **lineage_tags(cfg, dataset_uri=cfg.dataset.uri, inputs=configured),
+            **(tags or {})}) as tracker:
         outputs.mlflow_run_id = tracker.run_id
         tracker.log_params({**cfg.model_dump(mode="json"), "dag.stages": ",".join(todo)})
         tracker.log_dict(cfg.model_dump(mode="json"), "config.json")
@@ -318,6 +325,8 @@ def run(cfg: GecoConfig, *, stages: list[str] | str | None = None,
             log.info("dag %s: stage %s", cfg.name, stage)
             t = time.perf_counter()
             try:
+                if before_stage is not None:
+                    before_stage(stage)
                 step = STEPS[stage]
                 record = _record(stage, step.run(cfg, step.inputs(ctx), ctx.parent_run_id))
             except Exception as e:

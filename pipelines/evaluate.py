@@ -56,6 +56,7 @@ from geco.data import shards
 from geco.eval.leakage import check_leakage
 from geco.eval.protocol import VIEW_SETS, Protocol
 from geco.eval.results import ResultsWriter, aggregate, rows_for
+from geco.models.teacher import TINY as TINY_TEACHER
 from geco.sources import ObjectRef, list_objects
 from geco.tracking import start_run
 from geco.train.loop import config_hash
@@ -488,7 +489,7 @@ def dag_models(cfg: GecoConfig, stage1=None, stage2=None) -> dict[str, str]:
     """The models under test the DAG hands over: stage2's and stage1's bundles (their outputs in this
     run, else a bundle already under ``<stage>.output_uri/bundle``) and the teacher stage 1 distilled
     (its input in this run, else :func:`pipelines.stage1.default_inputs`'s), as "teacher" (K steps)
-    and "teacher_1step". A tiny random teacher ("") is not evaluated."""
+    and "teacher_1step". A tiny random teacher ("" or "tiny") is not evaluated."""
     from pipelines.stage1 import default_inputs as stage1_inputs
 
     models: dict[str, str] = {}
@@ -507,7 +508,7 @@ def dag_models(cfg: GecoConfig, stage1=None, stage2=None) -> dict[str, str]:
         except Exception as e:  # noqa: BLE001 - no teacher to evaluate is not an error here
             log.info("evaluate: no teacher to evaluate (%s)", e)
             teacher = ""
-    if teacher:
+    if teacher and teacher != TINY_TEACHER:
         models["teacher"] = models["teacher_1step"] = teacher
     return {k: v for k, v in models.items() if k not in cfg.evaluate.models}  # the config's entries win
 

@@ -41,6 +41,10 @@ def test_dag_finds_an_earlier_stage1_bundle(tmp_path):
     init_tiny_bundle(tmp_path / "s1" / "bundle")
     models = evaluate.dag_models(cfg)
     assert models == {"stage1": str(tmp_path / "s1" / "bundle")}  # no pretrain output: no teacher
+    # the tiny random teacher (asked for by name) is distilled, never evaluated as a model
+    tiny = Stage1Outputs(uris={"bundle": "/b/stage1/bundle"}, teacher_uri="tiny")
+    assert evaluate.dag_models(_cfg(tmp_path, "models.teacher.pretrained=tiny")) == models
+    assert evaluate.dag_models(cfg, tiny) == {"stage1": "/b/stage1/bundle"}
 
 
 def test_gso_layout_textures_beside_and_away(tmp_path):

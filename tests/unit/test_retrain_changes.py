@@ -1,16 +1,20 @@
 """pipelines.retrain.source_changes: the source listing against the latest manifest's render hashes
 (added, changed, unchanged, removed; changed render settings), with no renderer: committed shards are
-written directly with the render hashes the render stage would record."""
+written directly with the render hashes the render stage would record. Then the parts of a retraining
+run that need no Ray, no Blender and no registry: its key, its config, its lease, its exit status."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from geco.config import load_config
+import pytest
+
+from geco.config import ConfigError, load_config
 from geco.data import shards
 from geco.data.procedural import make_procedural_glb
+from geco.lease import Lease, lease_uri
 from geco.sources import list_objects
 from pipelines import render
-from pipelines.retrain import source_changes
+from pipelines.retrain import KEPT, RetrainError, RetrainOutputs, retrain_config, retrain_key, run, source_changes
 
 
 def config(src: Path, out: Path, *extra: str):
@@ -83,3 +87,57 @@ def test_objects_that_failed_before_are_not_planned_again(tmp_path):
                                          "render_hash": render.render_hash(ref, cfg.render), "retryable": False}])
     ch = source_changes(cfg)
     assert ids(ch.added) == ["procedural-0001"] and ch.todo == [] and ch.previously_failed == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the pure parts of a retraining run (the run itself: tests/integration/test_retrain.py)
+# ---------------------------------------------------------------------------------------------
+def test_the_retrain_key_names_the_start_and_the_source():
+    hashes = {"a": "1", "b": "2"}
+    key = retrain_key("3", hashes)
+    assert key.startswith("from-v3-") and key == retrain_key("3", dict(reversed(hashes.items())))  # order-free
+    assert len({key, retrain_key("4", hashes), retrain_key("3", {**hashes, "c": "3"}),
+                retrain_key("3", {"a": "1", "b": "changed"})}) == 4
+
+
+def test_a_retraining_trains_from_production_into_its_own_folder(tmp_path):
+    cfg = config(tmp_path / "objs", tmp_path / "shards", f"retrain.output_uri={tmp_path / 'retrain'}")
+    run_cfg = retrain_config(cfg, "from-v3-abc", "/cache/bundle/generator")
+    root = tmp_path / "retrain" / "from-v3-abc"
+    assert run_cfg.models.generator.pretrained == "/cache/bundle/generator"
+    assert (run_cfg.stage1.output_uri, run_cfg.stage2.output_uri, run_cfg.evaluate.output_uri) == (
+        str(root / "stage1"), str(root / "stage2"), str(root / "evaluate"))
+    assert run_cfg.stage1.train.storage_path == run_cfg.stage2.train.storage_path == str(root / "train")
+    # everything else is the config's: the same dataset, pseudo-GT (incremental) and registry
+    assert (run_cfg.dataset, run_cfg.pseudo_gt, run_cfg.registry) == (cfg.dataset, cfg.pseudo_gt, cfg.registry)
+
+
+def test_retrain_stages_must_train_the_generator():
+    with pytest.raises(ConfigError, match="must include stage1"):
+        load_config(None, ["retrain.stages=[render,evaluate]"])
+    with pytest.raises(ConfigError, match="retrain.stages"):
+        load_config(None, ["retrain.stages=[render,pretrain,stage1]"])
+
+
+def test_a_held_lease_skips_the_run_cleanly(tmp_path):
+    out = tmp_path / "shards"
+    cfg = config(tmp_path / "objs", out, "tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
+    with Lease(lease_uri(str(out), "retrain"), holder="cron@elsewhere pid 9"):
+        result = run(cfg)
+    assert result.exit_status == 0 and not result.did_work and result.dag is None
+    assert "held by cron@elsewhere pid 9 until" in result.summary()
+    assert not (tmp_path / "m.db").exists()  # it stopped before touching the registry
+
+
+def test_retraining_needs_the_registry(tmp_path):
+    with pytest.raises(RetrainError, match="tracking.enabled is false"):
+        run(config(tmp_path / "objs", tmp_path / "shards"))
+
+
+def test_the_exit_status_says_whether_production_moved():
+    assert RetrainOutputs(promoted=True).exit_status == 0
+    assert RetrainOutputs(promoted=None, did_work=False).exit_status == 0
+    kept = RetrainOutputs(promoted=False, production_version="2", model_uri="models:/geco/3", dag=object(),
+                          why="regressed beyond registry.tolerance=0.02 against production version 2: psnr")
+    assert kept.exit_status == KEPT == 3
+    assert "production stays (regressed beyond" in kept.summary() and "exit status 3" in kept.summary()
