@@ -345,10 +345,7 @@ def reconstructor_cameras(reconstructor, tile: int, cond_azimuth: float = 0.0) -
     in degrees, so the Gaussians come out in the frame of a shard's cameras; 0 for a lone image)."""
     from geco.models.reconstructors import input_cameras
 
-    K, c2w = input_cameras(reconstructor.cfg, cond_azimuth)
-    K = K.clone()
-    K[:, :2, :] *= tile / reconstructor.input_size
-    return K, c2w
+    return input_cameras(reconstructor.cfg, cond_azimuth, tile)
 
 
 @torch.no_grad()

@@ -250,9 +250,7 @@ class PseudoGT:
         t1 = time.perf_counter()
         Ks, c2ws = [], []
         for *_, src_cams, _ in ok:  # the reconstructor is told the views' poses around the cond view
-            K, c2w = input_cameras(rec.cfg, float(src_cams[0].get("azimuth_deg", 0.0)))
-            K = K.clone()
-            K[:, :2, :] *= teacher.tile_size / rec.input_size  # pixels of the teacher's tiles
+            K, c2w = input_cameras(rec.cfg, float(src_cams[0].get("azimuth_deg", 0.0)), teacher.tile_size)
             Ks.append(K)
             c2ws.append(c2w)
         gaussians = rec(views.to(dev), torch.stack(Ks).to(dev), torch.stack(c2ws).to(dev)).detach().to(

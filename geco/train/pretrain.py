@@ -299,7 +299,8 @@ class ReconstructorPretrainTask(TrainTask):
         for s in samples:
             z = s["zero123"]
             images.append(z["rgb"])
-            K, c2w = input_cameras(rcfg, float(s["cameras"][0].get("azimuth_deg", 0.0)))
+            # K in pixels of the views given (the renders' size; the reconstructor resizes both)
+            K, c2w = input_cameras(rcfg, float(s["cameras"][0].get("azimuth_deg", 0.0)), z["rgb"].shape[-1])
             Ks.append(K)
             c2ws.append(c2w)
             groups = [s["random"]] if "random" in s else []

@@ -293,6 +293,24 @@ def _rows(n=2):
     return [sample_from_members(f"obj{i}", make_members(f"obj{i}", seed=i)) for i in range(n)]
 
 
+def test_the_reconstructor_pretrains_with_the_cameras_of_the_views_it_is_given():
+    """K is in pixels of the views handed to the reconstructor (it resizes views and K together), here
+    the renders' size, not its input size: as at inference (geco.generate, pseudo-GT). Pretraining once
+    passed input-size K with larger renders and learnt from rays of the wrong field of view."""
+    from geco.models.reconstructors import input_cameras
+    from geco.train.pretrain import TASKS
+
+    cfg: GecoConfig = load_config(None, TINY)
+    rcfg = cfg.models.reconstructor
+    task = TASKS["reconstructor"](cfg, cfg.pretrain.reconstructor, WorkerContext())
+    batch = task.prepare(_rows(1), training=False)
+    size = batch["images"].shape[-1]
+    assert size != rcfg.input_size  # the case that matters
+    K_input, _ = input_cameras(rcfg)  # pixels of the input size
+    told = batch["Ks"][0, :, :2, :].double() / size
+    assert torch.allclose(told, K_input[:, :2, :].double() / rcfg.input_size, atol=1e-7)
+
+
 @pytest.mark.parametrize("target", ["teacher", "reconstructor"])
 def test_pretrain_task_step_eval_checkpoint_export(tmp_path, target):
     from geco.train.pretrain import TASKS

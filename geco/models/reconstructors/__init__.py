@@ -5,7 +5,8 @@ Call sites never name a kind's functions; they go through this registry::
     model = build_reconstructor(cfg)           # random weights, sized by cfg
     model = load_reconstructor(cfg, device)    # cfg.pretrained (local or s3://), or random when empty
     save_reconstructor(model, uri)             # in the kind's own released layout
-    K, c2w = input_cameras(cfg, cond_azimuth)  # the cameras its six input views are described with
+    K, c2w = input_cameras(cfg, cond_azimuth, size)  # the cameras its six input views are described with,
+                                                     # K in pixels of the size-px views it is given
 
 ``cfg`` is a :class:`geco.config.ReconstructorConfig`; the model satisfies
 :class:`~geco.models.reconstructors.base.Reconstructor`. Adding a kind (e.g. InstantMesh's mesh
@@ -74,6 +75,12 @@ def save_reconstructor(model: Reconstructor, uri: str, dtype: torch.dtype | None
     _kind(model.cfg).save(model, uri, dtype)
 
 
-def input_cameras(cfg, cond_azimuth: float = 0.0) -> tuple[Tensor, Tensor]:
-    """K [6,3,3] (pixels of ``cfg.input_size``) and c2w [6,4,4] of the input views the kind is told."""
-    return _kind(cfg).input_cameras(cfg, cond_azimuth)
+def input_cameras(cfg, cond_azimuth: float = 0.0, size: int | None = None) -> tuple[Tensor, Tensor]:
+    """K [6,3,3] and c2w [6,4,4] of the input views the kind is told. K is in pixels of the views the
+    reconstructor is *given*, ``size`` x ``size`` (default ``cfg.input_size``): it resizes them to its
+    input size and scales K with them, so K for views of another size must say that size."""
+    K, c2w = _kind(cfg).input_cameras(cfg, cond_azimuth)
+    if size is not None and size != cfg.input_size:
+        K = K.clone()
+        K[:, :2, :] *= size / cfg.input_size
+    return K, c2w
