@@ -26,8 +26,12 @@ every check, so a killed run still leaves what it measured):
    against :func:`geco.distill.vsd.estimate_stage1_memory` (which leaves out the VAE, the CLIP
    encoder, the reconstructor and the CUDA context, and counts the teacher at 16 bit: ``details``
    lists those weights and the estimate with the teacher in its dtype).
-3. **Stage 2 and pseudo-GT**: not built yet (issue #12): "skipped: not built yet" rows. The hook:
-   write ``check_stage2`` / ``check_pseudo_gt`` like ``check_stage1`` and put them in ``CHECKS``.
+3. **Stage 2 and pseudo-GT** as ``configs/paper.yaml`` runs them: one stage-2 step
+   (:class:`geco.distill.consistency.ConsistencyStep`: generator -> decode -> frozen reconstructor ->
+   ``views_per_step`` views at ``render_size`` -> MSE; LPIPS left out, its VGG weights cannot be
+   downloaded) in seconds and peak memory; pseudo-GT seconds per object: the teacher's DDIM batched
+   vs one object (extrapolated to ``steps`` like the inference rows), the reconstructor, and the
+   ``num_views`` renders with depth.
 4. **gsplat vs the torch rasterizer** (:func:`geco.render.splat.rasterize`, one entry point: CUDA
    tensors go to gsplat, CPU tensors to the pure-torch path) on random scenes: forward (colours
    with depth, alphas) max abs difference, tolerance ``SPLAT_FWD_ATOL``; gradients of a random
@@ -369,9 +373,157 @@ def check_stage1(run: Run, fake_score: str) -> None:
         torch.cuda.empty_cache()
 
 
-def check_not_built(run: Run, what: str) -> None:
-    """The hook for stage 2 and pseudo-GT (issue #12): replace with a check like :func:`check_stage1`."""
-    run.rows.append(row(f"{run.tag}: {what} - skipped: not built yet (issue #12)", None, "s"))
+def _paper_section(name: str, model):
+    """``configs/paper.yaml``'s section ``name`` validated as ``model`` (a geco.config section class)."""
+    import yaml
+
+    paper = yaml.safe_load((REPO_ROOT / "configs" / "paper.yaml").read_text())
+    return model.model_validate(paper[name])
+
+
+def _orbit_views(n: int, size: int, radius: float = 1.5, fov_deg: float = 49.1):
+    """``n`` cameras around the origin (azimuths evenly spread, elevations -30..60 deg): world-to-camera
+    OpenCV [n, 4, 4] and K [n, 3, 3] for ``size``-px views (geco.cameras' conventions)."""
+    import numpy as np
+    import torch
+
+    from geco.cameras import intrinsics_from_fov, opengl_to_opencv, orbit_c2w_opengl
+
+    w2c = [np.linalg.inv(opengl_to_opencv(orbit_c2w_opengl(360.0 * i / n, -30.0 + 90.0 * (i % 4) / 3, radius)))
+           for i in range(n)]
+    K = intrinsics_from_fov(fov_deg, size, size)
+    return torch.tensor(np.stack(w2c), dtype=torch.float32), torch.tensor(np.stack([K] * n), dtype=torch.float32)
+
+
+def check_stage2(run: Run) -> None:
+    """One stage-2 step (:class:`geco.distill.consistency.ConsistencyStep`) as paper.yaml runs it: the
+    generator (fp32 weights, bf16 autocast, gradient checkpointing) -> VAE decode -> the frozen
+    reconstructor -> ``views_per_step`` views rendered at ``render_size`` -> MSE(RGB) + MSE(alpha)
+    (LPIPS needs VGG weights that cannot be downloaded here: left out, and the row says so); seconds
+    per step (the second: the first allocates Adam's state) and peak memory."""
+    import torch
+
+    from geco.config import Stage2Config
+    from geco.distill.consistency import ConsistencyObjective, ConsistencyStep
+    from geco.distill.vsd import set_gradient_checkpointing
+    from geco.models.generator import OneStepGenerator
+    from geco.models.reconstructors import input_cameras
+    from geco.train.loop import GradientStep, effective_precision, make_adamw
+
+    s = _paper_section("stage2", Stage2Config)
+    train, dev = s.train, run.device
+    _, teacher_dtype = paper_stage1_settings("full")
+    b = run.bundle(getattr(torch, teacher_dtype) if run.paper else torch.float32)
+    teacher, rec = b.teacher, b.reconstructor
+    teacher.requires_grad_(False)
+    rec.requires_grad_(False)
+    size = s.render_size if run.paper else 16
+    views = max(s.views_per_step, 8)
+    precision = effective_precision(dev, train.mixed_precision)
+    with _peak(dev) as mem:
+        generator = OneStepGenerator.from_teacher(teacher, b.generator.cfg)
+        generator.unet.to(dev, torch.float32)
+        generator.train()
+        set_gradient_checkpointing(generator.unet, train.gradient_checkpointing)
+        objective = ConsistencyObjective(generator, rec, lpips=None, lambda_lpips=0.0)
+        params = [p for p in generator.parameters() if p.requires_grad]
+        stepper = GradientStep(params, make_adamw(params, lr=train.lr, betas=train.adam_betas,
+                                                  weight_decay=train.weight_decay), None, device=dev,
+                               mixed_precision=precision, max_grad_norm=train.max_grad_norm)
+        step = ConsistencyStep(teacher, objective, stepper, views_per_step=s.views_per_step, use_saved_noise=False)
+        in_K, in_c2w = input_cameras(rec.cfg, 0.0, teacher.tile_size)
+        w2c, K = _orbit_views(views, size)
+        g = torch.Generator().manual_seed(0)
+        target = {"rgb": torch.rand(views, 3, size, size, generator=g), "alpha": torch.rand(views, 1, size, size, generator=g),
+                  "K": K, "w2c": w2c}
+        mb = {"cond": _cond_image(teacher.cond_size)[None].repeat(train.batch_size, 1, 1, 1).to(dev),
+              "noise": None, "in_K": in_K[None].repeat(train.batch_size, 1, 1, 1).to(dev),
+              "in_c2w": in_c2w[None].repeat(train.batch_size, 1, 1, 1).to(dev), "views": [target] * train.batch_size}
+        seconds = []
+        for i in range(2 if run.paper else 1):
+            _sync(dev)
+            t0 = time.perf_counter()
+            metrics = step([mb], torch.Generator().manual_seed(i))
+            _sync(dev)
+            seconds.append(time.perf_counter() - t0)
+    what = (f"{run.tag}: stage-2 step (batch {train.batch_size}, {s.views_per_step} views at {size} px, checkpointing "
+            f"{train.gradient_checkpointing}, {precision}, LPIPS left out: no VGG weights offline)")
+    run.rows.append(row(f"{what}, s/step ({'2nd' if len(seconds) > 1 else '1st'} step)", seconds[-1], "s"))
+    if "peak_gib" in mem:
+        run.rows.append(row(f"{what}: peak GPU memory", mem["peak_gib"], "GiB"))
+    else:
+        run.skip("stage-2 peak GPU memory", "no CUDA device", "GiB")
+    run.details["stage2"] = {"seconds": seconds, "memory_gib": mem, "render_size": size,
+                             "metrics": {k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
+    del step, stepper, objective, generator
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_pseudo_gt(run: Run) -> None:
+    """Pseudo-GT seconds per object as paper.yaml makes it: the teacher's deterministic DDIM (CFG)
+    for ``batch_size`` objects at once vs one, timed at k1 and k2 steps and extrapolated to
+    ``steps`` (as the inference rows), decode, the reconstructor, and ``num_views`` views rendered at
+    ``resolution`` (RGB + depth, in chunks of geco.pseudo_gt.RENDER_CHUNK, as the stage does)."""
+    import torch
+
+    from geco.config import PseudoGTConfig
+    from geco.models.reconstructors import input_cameras
+    from geco.models.teacher import _randn, views_from_grid
+    from geco.pseudo_gt import RENDER_CHUNK
+    from geco.render.splat import render_gaussians
+
+    s = _paper_section("pseudo_gt", PseudoGTConfig)
+    dev = run.device
+    _, teacher_dtype = paper_stage1_settings("full")
+    b = run.bundle(getattr(torch, teacher_dtype) if run.paper else torch.float32)
+    teacher, rec = b.teacher, b.reconstructor
+    k1, k2 = _teacher_steps(run)
+    batch = s.batch_size if run.paper else 2
+    size = s.resolution if run.paper else 16
+    cfg = s.guidance_scale if s.guidance_scale is not None else teacher.cfg.guidance_scale
+    per_object: dict[int, float] = {}
+    with torch.no_grad(), _peak(dev) as mem:
+        for n in (1, batch):
+            g = torch.Generator().manual_seed(0)
+            cond = teacher.encode_condition(_cond_image(teacher.cond_size)[None].repeat(n, 1, 1, 1).to(dev), generator=g)
+            z = _randn(teacher.latent_shape(n), g, dev)
+            timed = {}
+            for k in (k1, k2):
+                _sync(dev)
+                t0 = time.perf_counter()
+                lat = teacher.sample(cond, num_steps=k, guidance_scale=cfg, sampler="ddim",
+                                     generator=torch.Generator().manual_seed(1), latents=z.clone(), eta=0.0)
+                _sync(dev)
+                timed[k] = time.perf_counter() - t0
+            per_object[n] = (timed[k1] + (s.steps - k1) * (timed[k2] - timed[k1]) / (k2 - k1)) / n
+        _sync(dev)
+        t0 = time.perf_counter()
+        views = views_from_grid(teacher.decode_latents(lat), teacher.tile_size)
+        in_K, in_c2w = input_cameras(rec.cfg, 0.0, teacher.tile_size)
+        gaussians = rec(views, in_K[None].repeat(batch, 1, 1, 1).to(dev),
+                        in_c2w[None].repeat(batch, 1, 1, 1).to(dev)).to(dtype=torch.float32)
+        _sync(dev)
+        t1 = time.perf_counter()
+        w2c, K = _orbit_views(s.num_views, size)
+        for i in range(batch):
+            for start in range(0, s.num_views, RENDER_CHUNK):
+                sl = slice(start, start + RENDER_CHUNK)
+                render_gaussians(gaussians[i], w2c[sl].to(dev), K[sl].to(dev), size, size, background=0.0,
+                                 render_mode="RGB+ED")
+        _sync(dev)
+        t2 = time.perf_counter()
+    teacher_what = f"{run.tag}: pseudo-GT teacher {s.steps} DDIM steps (CFG {cfg:g}) s/object, EXTRAPOLATED from {k1}/{k2}"
+    run.rows.append(row(f"{teacher_what}, {batch} objects a batch (ratio = one at a time / batched)",
+                        per_object[batch], "s", baseline=per_object[1], ratio=per_object[1] / per_object[batch]))
+    run.rows.append(row(f"{teacher_what}, one object at a time", per_object[1], "s"))
+    run.rows.append(row(f"{run.tag}: pseudo-GT decode + reconstructor s/object (batch {batch})", (t1 - t0) / batch, "s"))
+    run.rows.append(row(f"{run.tag}: pseudo-GT {s.num_views} views at {size} px rendered (RGB + depth) s/object",
+                        (t2 - t1) / batch, "s"))
+    if "peak_gib" in mem:
+        run.rows.append(row(f"{run.tag}: pseudo-GT peak GPU memory (batch {batch})", mem["peak_gib"], "GiB"))
+    run.details["pseudo_gt"] = {"teacher_s_per_object": per_object, "k": [k1, k2], "memory_gib": mem,
+                                "reconstructor_s": t1 - t0, "render_s": t2 - t1, "batch": batch}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,8 +657,8 @@ CHECKS: list[tuple[str, Callable[[Run], None], float]] = [
     ("inference float32 (tiny)", lambda r: None if r.paper else check_inference(r, "float32"), 60.0),
     ("stage1 full", lambda r: check_stage1(r, "full"), 90.0),
     ("stage1 lora", lambda r: check_stage1(r, "lora"), 75.0),
-    ("stage2", lambda r: check_not_built(r, "stage-2 step s/step"), 1.0),
-    ("pseudo-GT", lambda r: check_not_built(r, "pseudo-GT s/object"), 1.0),
+    ("stage2", check_stage2, 75.0),
+    ("pseudo-GT", check_pseudo_gt, 60.0),
     ("splat parity", check_splat_parity, 240.0),
     ("channels-last + compile", check_compiled, 150.0),
 ]
