@@ -5,8 +5,9 @@
   from: one line, exit 2;
 * after a first DAG run made production version 1, two objects added to the source: the retraining
   renders exactly those two into a new manifest version that keeps the old shards, continues stage 1
-  from production's generator, evaluates, registers version 2 and moves production to it (nothing
-  regressed), all in one `<name>/retrain` MLflow run; run again at once, it has nothing to do;
+  from production's generator, makes pseudo-GT for the two new objects only, runs stage 2,
+  evaluates, registers version 2 and moves production to it (nothing regressed), all in one
+  `<name>/retrain` MLflow run; run again at once, it has nothing to do;
 * a regression (production's recorded metrics far better than anything the candidate can reach)
   keeps production where it is: the candidate is registered, the run says why, exit status 3.
 """
@@ -26,7 +27,7 @@ from tests.integration.test_dag import tiny_overrides
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
-STAGES = ["render", "stage1", "evaluate", "register"]  # pseudo_gt and stage2 are the DAG's, tested there
+STAGES = ["render", "stage1", "pseudo_gt", "stage2", "evaluate", "register"]  # the teacher is tiny: no pretrain
 MODEL = "geco-retrain-test"
 
 
@@ -87,10 +88,14 @@ def test_retrain_renders_what_was_added_guards_production_and_refuses_overlap(tm
     manifest = shards.read_latest_manifest(data)
     old_shards = {s["name"] for s in manifest_v1["shards"]}
     assert manifest["version"] > manifest_v1["version"] and old_shards < {s["name"] for s in manifest["shards"]}
-    s1 = result.dag["stage1"]
+    s1, s2, pgt = result.dag["stage1"], result.dag["stage2"], result.dag["pseudo_gt"]
     assert s1.result.step == 4 and not s1.result.already_complete
     assert s1.bundle_uri.startswith(str(tmp_path / "retrain" / f"from-v{v1.version}-"))
-    assert "stage1" in result.dag["evaluate"].metrics
+    # pseudo-GT for the new objects only (the same teacher and reconstructor: the rest is done); stage 2
+    # fine-tunes this run's stage-1 bundle, and its bundle is the one registered
+    assert (pgt.computed, pgt.skipped, pgt.failed) == (2, 6, 0)
+    assert s2.result.step == 4 and s2.bundle_uri.startswith(str(tmp_path / "retrain" / f"from-v{v1.version}-"))
+    assert {"stage1", "stage2"} <= set(result.dag["evaluate"].metrics)
     assert result.promoted and result.exit_status == 0 and result.production_version == str(v1.version)
     v2 = client.get_model_version_by_alias(MODEL, "production")
     assert int(v2.version) == int(v1.version) + 1 and result.model_uri == f"models:/{MODEL}/{v2.version}"
