@@ -39,6 +39,7 @@ from geco import storage
 from geco.config import GecoConfig
 from geco.data import schema, shards
 from geco.images import grid
+from geco.models.teacher import TINY as TINY_TEACHER
 from geco.pseudo_gt import PseudoGTError, PseudoGTSetupError, check_fit, weights_hash
 from geco.tracking import lineage_tags, start_run
 from pipelines.render import pack_members, unpack_members
@@ -121,7 +122,8 @@ def default_inputs(cfg: GecoConfig, *, dataset_uri: str | None = None, teacher: 
 def model_hashes(cfg: GecoConfig, inputs: PseudoGTInputs) -> dict[str, str]:
     """``{"teacher", "reconstructor", "settings"}``: what, beside a sample's source, decides it."""
     t, r = cfg.models.teacher, cfg.models.reconstructor
-    teacher = weights_hash([inputs.teacher_uri, t.unet],
+    files = "" if inputs.teacher_uri == TINY_TEACHER else inputs.teacher_uri  # the tiny random one has none
+    teacher = weights_hash([files, t.unet],
                            {k: v for k, v in t.model_dump(mode="json").items() if k not in _TEACHER_NOT_HASHED})
     recon = weights_hash([inputs.reconstructor_uri],
                          {k: v for k, v in r.model_dump(mode="json").items() if k != "pretrained"})

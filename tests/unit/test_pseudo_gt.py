@@ -149,3 +149,18 @@ def test_pseudo_gt_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     err = refused("--data", str(tmp_path / "renders"), "--output", str(tmp_path / "renders"))
     assert "is the render dataset itself" in err
     assert not (tmp_path / "pgt").exists()
+
+
+def test_the_tiny_teacher_asked_for_by_name_hashes_like_no_files(tmp_path):
+    """``--teacher tiny`` (the DAG hands it on from stage 1) has no files to list: its hash follows
+    from the settings, as an empty teacher's does; a real folder's files change it."""
+    from pipelines.pseudo_gt import model_hashes
+    from pipelines.stage import PseudoGTInputs
+
+    cfg = load_config(None, [])
+    tiny = model_hashes(cfg, PseudoGTInputs(str(tmp_path / "shards"), "tiny", ""))
+    assert tiny == model_hashes(cfg, PseudoGTInputs(str(tmp_path / "shards"), "", ""))
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    assert model_hashes(cfg, PseudoGTInputs("", str(folder), ""))["teacher"] != tiny["teacher"]
