@@ -79,7 +79,9 @@ def test_retrain_renders_what_was_added_guards_production_and_refuses_overlap(tm
     assert v1.tags[retrain.TRAINED_ON_TAG] == shards.manifest_uri(data, manifest_v1["version"])
 
     # two objects added: exactly those render, training continues from version 1, production moves
-    second = load_config(_config(tmp_path, mlflow_server.uri, 8))
+    # (registry.tolerance: any candidate counts as no regression here, so production moves whatever tiny
+    # models score; the rule itself is the last part's, and geco.registry's unit tests')
+    second = load_config(_config(tmp_path, mlflow_server.uri, 8, "registry.tolerance=1000"))
     result = retrain.run(second)
     print(result.summary())
     changes = result.changes
