@@ -157,6 +157,33 @@ def run_name_for(task_cls, cfg: GecoConfig, job_path: str, stage: str, inputs: M
     return job.run_name or f"{cfg.name}-{stage}-{task_cls.config_hash(cfg, job, inputs)}"
 
 
+def torch_trainer_class():
+    """Ray Train's ``TorchTrainer`` without its placement-group cleaner.
+
+    Ray 2.60 starts a detached ``PlacementGroupCleaner`` per run that polls the State API for the
+    controller and removes the run's placement group when the answer is "not found": on a loaded head
+    that answer comes for a live controller, the group goes, its workers die ("Destroying worker since
+    its placement group was removed") and the run burns a restart or fails (seen here twice; Ray's
+    fix, ray-project/ray#65447, treats "not found" as transient). The cleaner only matters when a
+    controller dies without its driver: here the driver is the stage's process (``geco``, or a
+    ``ray job submit`` job), whose exit releases its placement groups anyway. So it is left out;
+    where Ray's internals differ (another version), the stock trainer is used."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # pragma: no cover - another Ray version
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):  # pragma: no cover - another Ray version
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
 def run_training(task_cls, cfg: GecoConfig, job_path: str, *, stage: str, datasets: dict, output_uri: str,
                  inputs: Mapping[str, str] | None = None, tracker=None, log_weights: bool | Sequence[str] = True,
                  run_ids: Mapping[str, str] | None = None, run_name: str | None = None,
@@ -175,7 +202,6 @@ def run_training(task_cls, cfg: GecoConfig, job_path: str, *, stage: str, datase
     what ``ctx.wrap(module)`` asks ``ray.train.torch.prepare_model`` for in a multi-worker run; a task
     may ask for another one per module: ``ctx.wrap(module, parallel_strategy="ddp")``."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
     job = section(cfg, job_path)
@@ -209,7 +235,7 @@ def run_training(task_cls, cfg: GecoConfig, job_path: str, *, stage: str, datase
     progress = DriverProgress(f"{stage} steps", job.steps)
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # the same rows in the same order every epoch: exact data positions
-    trainer = TorchTrainer(
+    trainer = torch_trainer_class()(
         train_loop_per_worker,
         train_loop_config={"cfg_json": cfg.model_dump_json(), "job_path": job_path, "task": task_path(task_cls),
                            "tracking_uri": tracking_uri, "run_id": run_id, "output_uri": output_uri,

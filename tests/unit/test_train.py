@@ -368,3 +368,23 @@ def test_pretrain_plan_skips_models_with_weights():
     assert todo == ["teacher"] and "pretrained" in skipped["reconstructor"]
     todo, skipped = plan(load_config(None, ["pretrain.targets=[reconstructor]"]))
     assert todo == ["reconstructor"] and skipped["teacher"] == "not in pretrain.targets"
+
+
+def test_the_trainer_leaves_out_rays_placement_group_cleaner():
+    """Ray 2.60's cleaner removes a live run's placement group when the State API does not find its
+    controller (a loaded head): the project's trainer leaves it out and keeps every other default."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from pipelines.training.driver import torch_trainer_class
+
+    def loop(config):  # never run
+        pass
+
+    stock = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1))
+    ours = torch_trainer_class()(loop, scaling_config=ScalingConfig(num_workers=1))
+    stock_kinds = [type(c) for c in stock._create_default_callbacks()]
+    assert PlacementGroupCleanerCallback in stock_kinds  # what is left out exists in this Ray
+    assert [type(c) for c in ours._create_default_callbacks()] == [
+        k for k in stock_kinds if k is not PlacementGroupCleanerCallback]
