@@ -17,7 +17,8 @@ from pipelines.stage1 import Stage1Outputs
 
 def _cfg(tmp_path, *extra):
     return load_config(None, [f"evaluate.output_uri={tmp_path / 'eval'}", f"stage1.output_uri={tmp_path / 's1'}",
-                              f"pretrain.output_uri={tmp_path / 'pre'}", f"dataset.uri={tmp_path / 'shards'}",
+                              f"stage2.output_uri={tmp_path / 's2'}", f"pretrain.output_uri={tmp_path / 'pre'}",
+                              f"dataset.uri={tmp_path / 'shards'}",
                               "tracking.enabled=false", *extra])
 
 

@@ -115,7 +115,7 @@ def test_dag_registers_the_final_bundle_with_evaluates_metrics_for_it(tmp_path):
     from pipelines import dag
     from pipelines.stage1 import Stage1Outputs
 
-    cfg = load_config(None, [f"stage1.output_uri={tmp_path / 'stage1'}"])
+    cfg = load_config(None, [f"stage1.output_uri={tmp_path / 'stage1'}", f"stage2.output_uri={tmp_path / 'stage2'}"])
     s1 = Stage1Outputs(uris={"bundle": "/b/stage1"}, mlflow_run_ids={"stage1": "r1"})
     s2 = SimpleNamespace(bundle_uri="/b/stage2", mlflow_run_id="r2")  # stage 2's outputs (its own helper's class)
     ev = SimpleNamespace(metrics={"stage1": {"gso/orbit/psnr": 10.0}, "stage2": {"gso/orbit/psnr": 12.0}},
