@@ -283,16 +283,31 @@ def check_compiled(run: Run) -> None:
 # ------------------------------------------------------------------------------------------------
 # 2. stage 1
 # ------------------------------------------------------------------------------------------------
+def _paper() -> dict:
+    """``configs/paper.yaml`` as a dict."""
+    import yaml
+
+    return yaml.safe_load((REPO_ROOT / "configs" / "paper.yaml").read_text())
+
+
+def _paper_section(name: str, model):
+    """``configs/paper.yaml``'s section ``name`` validated as ``model`` (a geco.config section class)."""
+    return model.model_validate(_paper()[name])
+
+
+def paper_teacher_dtype() -> str:
+    """The dtype name paper.yaml keeps the teacher in (``models.teacher.dtype``)."""
+    from geco.config import TeacherConfig
+
+    return _paper().get("models", {}).get("teacher", {}).get("dtype", TeacherConfig().dtype)
+
+
 def paper_stage1_settings(fake_score: str):
     """``configs/paper.yaml``'s ``stage1`` section (a :class:`geco.config.Stage1Config`) with ``fake_score``,
     and its teacher's dtype name (``models.teacher.dtype``)."""
-    import yaml
+    from geco.config import Stage1Config
 
-    from geco.config import Stage1Config, TeacherConfig
-
-    paper = yaml.safe_load((REPO_ROOT / "configs" / "paper.yaml").read_text())
-    teacher_dtype = paper.get("models", {}).get("teacher", {}).get("dtype", TeacherConfig().dtype)
-    return Stage1Config.model_validate(paper["stage1"]).model_copy(update={"fake_score": fake_score}), teacher_dtype
+    return _paper_section("stage1", Stage1Config).model_copy(update={"fake_score": fake_score}), paper_teacher_dtype()
 
 
 def check_stage1(run: Run, fake_score: str) -> None:
@@ -373,26 +388,17 @@ def check_stage1(run: Run, fake_score: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _paper_section(name: str, model):
-    """``configs/paper.yaml``'s section ``name`` validated as ``model`` (a geco.config section class)."""
-    import yaml
-
-    paper = yaml.safe_load((REPO_ROOT / "configs" / "paper.yaml").read_text())
-    return model.model_validate(paper[name])
-
-
 def _orbit_views(n: int, size: int, radius: float = 1.5, fov_deg: float = 49.1):
-    """``n`` cameras around the origin (azimuths evenly spread, elevations -30..60 deg): world-to-camera
-    OpenCV [n, 4, 4] and K [n, 3, 3] for ``size``-px views (geco.cameras' conventions)."""
+    """``n`` :class:`geco.cameras.Camera` s around the origin (azimuths evenly spread, elevations
+    -30..60 deg) as world-to-camera OpenCV [n, 4, 4] and K [n, 3, 3] for ``size``-px views."""
     import numpy as np
     import torch
 
-    from geco.cameras import intrinsics_from_fov, opengl_to_opencv, orbit_c2w_opengl
+    from geco.cameras import Camera
 
-    w2c = [np.linalg.inv(opengl_to_opencv(orbit_c2w_opengl(360.0 * i / n, -30.0 + 90.0 * (i % 4) / 3, radius)))
-           for i in range(n)]
-    K = intrinsics_from_fov(fov_deg, size, size)
-    return torch.tensor(np.stack(w2c), dtype=torch.float32), torch.tensor(np.stack([K] * n), dtype=torch.float32)
+    cams = [Camera("random", size, size, fov_deg, radius, 360.0 * i / n, -30.0 + 90.0 * (i % 4) / 3) for i in range(n)]
+    return (torch.tensor(np.stack([c.w2c_opencv for c in cams]), dtype=torch.float32),
+            torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32))
 
 
 def check_stage2(run: Run) -> None:
@@ -412,7 +418,7 @@ def check_stage2(run: Run) -> None:
 
     s = _paper_section("stage2", Stage2Config)
     train, dev = s.train, run.device
-    _, teacher_dtype = paper_stage1_settings("full")
+    teacher_dtype = paper_teacher_dtype()
     b = run.bundle(getattr(torch, teacher_dtype) if run.paper else torch.float32)
     teacher, rec = b.teacher, b.reconstructor
     teacher.requires_grad_(False)
@@ -475,7 +481,7 @@ def check_pseudo_gt(run: Run) -> None:
 
     s = _paper_section("pseudo_gt", PseudoGTConfig)
     dev = run.device
-    _, teacher_dtype = paper_stage1_settings("full")
+    teacher_dtype = paper_teacher_dtype()
     b = run.bundle(getattr(torch, teacher_dtype) if run.paper else torch.float32)
     teacher, rec = b.teacher, b.reconstructor
     k1, k2 = _teacher_steps(run)

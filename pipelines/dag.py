@@ -211,10 +211,11 @@ def register_inputs(ctx: DagContext) -> RegisterInputs:
     evaluate = ctx.outputs.get("evaluate")
     metrics = {k: v for k, v in ((getattr(evaluate, "metrics", None) or {}).get(final) or {}).items()
                if v is not None}  # None: a metric evaluate could not compute (e.g. LPIPS without weights)
+    dataset = _dataset_uri(ctx)
     lineage = {"bundle_stage": final, "bundle_run_id": bundle_run, "dag_run_id": ctx.parent_run_id or "",
-               "dataset_uri": _dataset_uri(ctx),
+               "dataset_uri": dataset,
                # the dataset version trained on: `geco retrain` starts from what came after it
-               "dataset_manifest_uri": manifest_lineage(_dataset_uri(ctx))[0]}
+               "dataset_manifest_uri": manifest_lineage(dataset)[0]}
     lineage.update({f"{s}_run_id": out.mlflow_run_id for s, out in ctx.outputs.items()
                     if getattr(out, "mlflow_run_id", None)})
     return RegisterInputs(bundle_uri=bundle_uri, metrics=metrics,

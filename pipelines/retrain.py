@@ -194,10 +194,15 @@ def retrain_key(production_version: str, hashes: dict[str, str]) -> str:
     return f"from-v{production_version}-{digest}"
 
 
+def retrain_root(cfg: GecoConfig, key: str) -> str:
+    """``<retrain.output_uri>/<key>``: where one retraining's training outputs go."""
+    return storage.join(storage.absolute_uri(cfg.retrain.output_uri), key)
+
+
 def retrain_config(cfg: GecoConfig, key: str, generator_uri: str) -> GecoConfig:
     """``cfg`` for the DAG of one retraining: the generator starts from ``generator_uri`` (production's),
-    and the training outputs, checkpoints and evaluation go under ``<retrain.output_uri>/<key>/``."""
-    root = storage.join(storage.absolute_uri(cfg.retrain.output_uri), key)
+    and the training outputs, checkpoints and evaluation go under :func:`retrain_root`."""
+    root = retrain_root(cfg, key)
     overrides = [f"models.generator.pretrained={generator_uri}",
                  f"stage1.output_uri={storage.join(root, 'stage1')}", f"stage2.output_uri={storage.join(root, 'stage2')}",
                  f"stage1.train.storage_path={storage.join(root, 'train')}",
@@ -256,8 +261,7 @@ def _retrain(cfg: GecoConfig, lease: Lease, force: bool, progress: Callable[[str
             "geco.retrain.to_render": str(len(changes.todo))}
     result = dag.run(run_cfg, stages=cfg.retrain.stages, progress=progress, before_stage=lambda _stage: lease.check(),
                      run_name=f"{cfg.name}/{STAGE}", tags=tags)
-    out = RetrainOutputs(changes=changes, production_version=version, key=storage.join(
-        storage.absolute_uri(cfg.retrain.output_uri), key), dag=result,
+    out = RetrainOutputs(changes=changes, production_version=version, key=retrain_root(cfg, key), dag=result,
         uris={f"{s}.{name}": uri for s, r in result.stages.items() for name, uri in r.uris.items()},
         mlflow_run_ids={STAGE: result.mlflow_run_id} if result.mlflow_run_id else {})
     registered = result.stages.get("register")
