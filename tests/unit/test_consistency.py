@@ -9,7 +9,9 @@ and random views, RGBA, with cameras.json and the noise the teacher sampled from
   bit-identical and get no gradient; a checkpoint round trip resumes exactly;
 * bad samples fail with one line naming the shard and the object;
 * it does its job: on held-out objects, renders of the reconstruction of the generator's views get
-  closer to the pseudo-GT over training (PSNR up), and a frozen generator (the broken variant) does not;
+  closer to the pseudo-GT over training (PSNR up), and a frozen generator (the broken variant) does not
+  (pseudo-GT made as the pipeline makes it: the teacher's DDIM from saved noise through the frozen
+  reconstructor, :class:`geco.pseudo_gt.PseudoGT`);
 * the export is a GECO bundle that `geco generate` loads.
 """
 from __future__ import annotations
@@ -32,8 +34,8 @@ MODELS = {"teacher": {"tile_size": TILE, "cond_size": 32, "tiny_clip_image_size"
           "reconstructor": {"input_size": 16, "lgm": {"down_channels": [8, 16, 32], "down_attention": [False, False, True],
                                                       "up_channels": [32, 16], "up_attention": [True, False],
                                                       "num_heads": 2, "norm_groups": 4, "layers_per_block": 1}}}
-STEPS_DOES_ITS_JOB = 12
-MARGIN_DB = 0.3  # held-out PSNR gain that counts as learning (a frozen generator: < 0.01 dB)
+STEPS_DOES_ITS_JOB = 24
+MARGIN_DB = 0.2  # held-out PSNR gain that counts as learning (measured +0.33..+1.28 dB; a frozen generator: 0)
 TINY = ["stage2.lambda_lpips=0", "stage2.views_per_step=4", "stage2.train.steps=4", "stage2.train.lr=1e-3",
         "stage2.train.gradient_checkpointing=false", "stage2.train.max_grad_norm=1.0"]
 
@@ -55,18 +57,19 @@ def _npy(arr: np.ndarray) -> bytes:
 
 def blob_object(seed: int, n: int = 240):
     """One of a family of objects: three ellipsoidal blobs of Gaussians at fixed places inside
-    [-0.4, 0.4]^3, each in a colour of its own per seed (objects share their shape, as a class of
-    objects does: what the generator learns on some can carry over to others)."""
+    [-0.6, 0.6]^3, each in a colour of its own per seed (objects share their shape, as a class of
+    objects does: what the generator learns on some can carry over to others). The object fills about
+    half of a 16 px view (smaller, a reconstructor trained on a few of them ignores its input)."""
     from geco.gaussians import Gaussians
 
     g = torch.Generator().manual_seed(seed)
     parts = 3
-    centres = torch.tensor([[0.0, 0.0, -0.15], [0.15, 0.1, 0.1], [-0.15, -0.1, 0.15]])
+    centres = torch.tensor([[0.0, 0.0, -0.24], [0.24, 0.16, 0.16], [-0.24, -0.16, 0.24]])
     colours = torch.rand(parts, 3, generator=g) * 0.8 + 0.1
     part = torch.arange(n) % parts
-    means = centres[part] + torch.randn(n, 3, generator=g) * 0.08
+    means = centres[part] + torch.randn(n, 3, generator=g) * 0.128
     quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1)
-    return Gaussians(means=means, quats=quats, scales=torch.full((n, 3), 0.05), opacities=torch.full((n,), 0.9),
+    return Gaussians(means=means, quats=quats, scales=torch.full((n, 3), 0.08), opacities=torch.full((n,), 0.9),
                      rgb=colours[part])
 
 
@@ -116,7 +119,7 @@ def bundle(tmp_path_factory) -> str:
     return init_tiny_bundle(root, tiny_models_config(base=MODELS), seed=3)
 
 
-RECON_STEPS = 40
+RECON_STEPS = 100  # 40 steps: its renders hardly depend on its input views, and stage 2 moves nothing
 
 
 def bundle_with_trained_reconstructor(bundle: str, dest, steps: int = RECON_STEPS) -> str:
@@ -269,27 +272,48 @@ def _train_and_eval(bundle, train_rows, val_rows, steps: int, *extra: str) -> li
     return psnrs
 
 
+def teacher_pseudo_gt(trained_bundle: str, keys: list[str], seed0: int = 100) -> list[dict]:
+    """Pseudo-GT samples of blob objects made as the pipeline makes them (:class:`geco.pseudo_gt.PseudoGT`):
+    the generator's own teacher (the tiny bundle's, seed 3: the generator is a copy of its UNet) samples
+    8-step DDIM from each object's saved noise, the bundle's trained reconstructor turns the six views
+    into Gaussians, rendered at the 6 Zero123++ poses + 10 random views."""
+    from geco.models.bundle import load_bundle
+    from geco.models.teacher import build_tiny_teacher
+    from geco.pseudo_gt import PseudoGT
+
+    b = load_bundle(trained_bundle)
+    teacher = build_tiny_teacher(b.cfg.teacher, seed=3).eval()
+    assert all(torch.equal(v, b.generator.unet.state_dict()[k]) for k, v in teacher.unet.state_dict().items())
+    cfg = load_config(None, ["pseudo_gt.steps=8", "pseudo_gt.num_views=16", f"pseudo_gt.resolution={TILE}"])
+    renders = [dict(splat_members(k, seed0 + i, num_random=6), __key__=k) for i, k in enumerate(keys)]
+    rows = []
+    for r in PseudoGT(teacher, b.reconstructor.eval(), cfg.pseudo_gt).run(renders):
+        row = sample_from_members(r.key, {**r.members, "meta.json": b"{}"}, require_depth=False, require_normals=False)
+        row["__url__"] = "/data/pgt/shard-000000.tar"
+        rows.append(row)
+    return rows
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "NOT YET SHOWN at this scale: held-out PSNR stays within +-0.15 dB (measured, lr 1e-3, fresh noise: "
-    "16.10 -> 16.07 -> 16.12 dB over 9 steps; 16.00 -> 16.08 -> 15.85 dB over 24 steps with an 80-step "
-    "reconstructor; SSIM 0.42 -> 0.45); the training objective falls on the training objects"))
-def test_stage2_brings_held_out_renders_closer_to_the_pseudo_gt(trained_bundle, noise_shape):
-    """Through a trained, frozen reconstructor (as in the pipeline): on held-out objects (never
-    trained on; the same family of shapes, their own colours), PSNR of
-    the renders of the reconstruction of the generator's views vs the pseudo-GT rises over training,
-    by a margin; a frozen generator (the broken variant: lr ~ 0) stays where it was. Evaluation is
-    deterministic (fixed condition seed and noise), so any change is the training's. Training draws
-    fresh noise every step (``use_saved_noise=false``): with four objects and one saved noise each,
-    the generator learns those four (noise, condition) pairs by heart and nothing carries over."""
-    keys = [f"obj-{i}" for i in range(6)]
-    rows = make_rows(keys, noise_shape=noise_shape, num_random=6)
-    train_rows, val_rows = rows[:4], rows[4:]
+def test_stage2_brings_held_out_renders_closer_to_the_pseudo_gt(trained_bundle):
+    """Stage 2 as the pipeline runs it, at unit scale: pseudo-GT from the teacher's multi-step DDIM
+    (saved noise) through the trained, frozen reconstructor; the generator (one step, from the same
+    noise) fine-tuned so that the renders of the reconstruction of its views match. On held-out
+    objects (never trained on; the same family of shapes, colours of their own) their PSNR vs the
+    pseudo-GT rises over training by a margin; a frozen generator (the broken variant: lr ~ 0) stays
+    exactly where it was. Evaluation is deterministic (fixed condition seed, saved noise), so any
+    change is the training's.
+
+    Measured (24 steps, lr 2e-4, 8 training objects, 4 object sets): +0.33, +0.49, +0.51, +1.28 dB;
+    lr 1e-4: +0.37, +0.63. Through a reconstructor trained 40 steps instead of 100, whose renders
+    hardly depend on its input views, nothing moves (-0.4 dB): stage 2 works through the reconstructor."""
+    rows = teacher_pseudo_gt(trained_bundle, [f"obj-{i}" for i in range(10)])
+    train_rows, val_rows = rows[:8], rows[8:]
     steps = STEPS_DOES_ITS_JOB
-    common = ["stage2.use_saved_noise=false", "stage2.train.max_grad_norm=0"]
-    trained = _train_and_eval(trained_bundle, train_rows, val_rows, steps, "stage2.train.lr=1e-3", *common)
+    common = ["stage2.use_saved_noise=true", "stage2.train.max_grad_norm=0"]
+    trained = _train_and_eval(trained_bundle, train_rows, val_rows, steps, "stage2.train.lr=2e-4", *common)
     frozen = _train_and_eval(trained_bundle, train_rows, val_rows, steps, "stage2.train.lr=1e-12", *common)
-    print(f"held-out PSNR at steps 0/{steps // 2}/{steps}: stage 2 {[round(p, 2) for p in trained]}, "
+    print(f"held-out PSNR vs the pseudo-GT at steps 0/{steps // 2}/{steps}: stage 2 {[round(p, 2) for p in trained]}, "
           f"frozen generator {[round(p, 2) for p in frozen]}")
     assert trained[0] == frozen[0]  # the same start
     assert max(abs(p - frozen[0]) for p in frozen) < 0.01  # the broken variant does not move
