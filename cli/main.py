@@ -27,6 +27,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Callable
 
 from geco.config import ConfigError, GecoConfig, load_config, read_config_file
 
@@ -78,24 +79,14 @@ def _add_run_parser(sub) -> None:
 def _run_main(args) -> int:
     from pipelines import dag
 
-    try:
+    def work() -> int:
         stages = dag.parse_stages(args.stages)  # before any work (and before the config is loaded)
         cfg = load_config(args.config, args.overrides)
         result = dag.run(cfg, stages=stages, progress=lambda text: print(text, flush=True))
         _print_summary(result.summary())
         return 0
-    except ConfigError as e:
-        return _fail(f"config error: {e}")
-    except dag.StageFailed as e:  # one line for errors users cause; tracebacks for bugs
-        code = _report_failure(e.cause, str(e), e.stage)
-        if code is None:
-            raise
-        return code
-    except Exception as e:  # before any stage ran (e.g. the cluster cannot run a training job)
-        code = _report_failure(e, str(e), "run")
-        if code is None:
-            raise
-        return code
+
+    return _guarded("run", work)
 
 
 def _add_retrain_parser(sub) -> None:
@@ -107,27 +98,15 @@ def _add_retrain_parser(sub) -> None:
 
 
 def _retrain_main(args) -> int:
-    from pipelines import dag, retrain
+    from pipelines import retrain
 
-    try:
+    def work() -> int:
         cfg = load_config(args.config, args.overrides)
         result = retrain.run(cfg, force=args.force, progress=lambda text: print(text, flush=True))
         _print_summary(result.summary())
         return result.exit_status
-    except ConfigError as e:
-        return _fail(f"config error: {e}")
-    except retrain.RetrainError as e:
-        return _fail(str(e))
-    except dag.StageFailed as e:
-        code = _report_failure(e.cause, f"retrain: {e}", e.stage)
-        if code is None:
-            raise
-        return code
-    except Exception as e:  # before any stage ran: the source, the registry, the cluster
-        code = _report_failure(e, f"retrain: {e}", "retrain")
-        if code is None:
-            raise
-        return code
+
+    return _guarded("retrain", work, prefix="retrain: ")
 
 
 def _add_register_parser(sub) -> None:
@@ -171,7 +150,7 @@ def _read_metrics(path: str | None, model: str | None) -> dict:
 
 
 def _register_main(args) -> int:
-    try:
+    def work() -> int:
         cfg = load_config(args.config, args.overrides)
         metrics = _read_metrics(args.metrics, args.model)
         from pipelines import register
@@ -181,13 +160,8 @@ def _register_main(args) -> int:
                                                   evaluate_run_id=args.evaluate_run))
         print(result.summary())
         return 0
-    except ConfigError as e:
-        return _fail(f"config error: {e}")
-    except Exception as e:  # one line for errors users cause; tracebacks for bugs
-        code = _report_failure(e, str(e), "register")
-        if code is None:
-            raise
-        return code
+
+    return _guarded("register", work)
 
 
 def _add_evaluate_parser(sub) -> None:
@@ -219,20 +193,15 @@ def _evaluate_main(args) -> int:
         if not sep or not name.strip() or not uri.strip():
             return _fail(f"--checkpoint {item!r}: expected NAME=URI, e.g. --checkpoint stage1=outputs/stage1/bundle")
         models[name.strip()] = uri.strip()
-    try:
+    def work() -> int:
         cfg = load_config(args.config, overrides)
         from pipelines import evaluate
 
         result = evaluate.run(cfg, evaluate.default_inputs(cfg, models, args.dataset))
         _print_summary(result.summary())
         return 0
-    except ConfigError as e:
-        return _fail(f"config error: {e}")
-    except Exception as e:  # one line for errors users cause; tracebacks for bugs
-        code = _report_failure(e, str(e), "evaluate")
-        if code is None:
-            raise
-        return code
+
+    return _guarded("evaluate", work)
 
 
 def _fail(message: str) -> int:
@@ -257,11 +226,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.evaluate import EvaluateError
     from pipelines.pseudo_gt import PseudoGTFailed
     from pipelines.render import RenderAborted
+    from pipelines.retrain import RetrainError
     from pipelines.training import TrainSetupError
 
     return (ConfigError, StorageError, FileNotFoundError, FileExistsError, SourceError, TrainSetupError,
             RenderAborted, GenerateError, CheckpointError, WeightsImportError, RayStartError, RegistryError,
-            LeaseError, EvaluateError, PseudoGTSetupError, PseudoGTFailed)
+            LeaseError, EvaluateError, PseudoGTSetupError, PseudoGTFailed, RetrainError)
 
 
 def _training_failed(err: BaseException, stage: str) -> str | None:
@@ -310,6 +280,26 @@ def _report_failure(err: BaseException, message: str, stage: str) -> int | None:
     if line is not None:
         return _fail(line)
     return None
+
+
+def _guarded(stage: str, work: Callable[[], int], prefix: str = "") -> int:
+    """Run a command's ``work`` -> its exit status; a failure the user can act on (bad config, input,
+    data, storage or cluster; a DAG stage that failed of such a cause; a training job that failed
+    beyond its restarts) -> one line ``geco: <prefix><what>`` (the prefix once) and 2; a bug -> its
+    traceback."""
+    from pipelines.dag import StageFailed  # light: the DAG imports its stages lazily
+
+    try:
+        return work()
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except Exception as e:
+        cause, where = (e.cause, e.stage) if isinstance(e, StageFailed) else (e, stage)
+        message = str(e) if str(e).startswith(prefix) else f"{prefix}{e}"  # the prefix once
+        code = _report_failure(cause, message, where)
+        if code is None:
+            raise
+        return code
 
 
 def _print_summary(summary: str) -> None:
@@ -376,7 +366,7 @@ def _train_main(args) -> int:
         overrides.append(f"dataset.uri={args.data}")
     if getattr(args, "output", None):
         overrides.append(f"{args.train_stage}.output_uri={args.output}")
-    try:
+    def work() -> int:
         cfg = load_config(args.config, overrides)
         try:
             stage = importlib.import_module(f"pipelines.{args.train_stage}")
@@ -392,13 +382,8 @@ def _train_main(args) -> int:
         result = stage.run(cfg, **kwargs)
         _print_summary(result.summary())
         return 0
-    except ConfigError as e:
-        return _fail(f"config error: {e}")
-    except Exception as e:  # one line for errors users cause; tracebacks for bugs
-        code = _report_failure(e, str(e), args.train_stage)
-        if code is None:
-            raise
-        return code
+
+    return _guarded(args.train_stage, work)
 
 
 def _add_pseudo_gt_parser(sub) -> None:
@@ -420,7 +405,7 @@ def _pseudo_gt_main(args) -> int:
         overrides.append(f"dataset.uri={args.data}")
     if args.output:
         overrides.append(f"pseudo_gt.output_uri={args.output}")
-    try:
+    def work() -> int:
         from pipelines import pseudo_gt
 
         cfg = load_config(args.config, overrides)
@@ -428,13 +413,8 @@ def _pseudo_gt_main(args) -> int:
         result = pseudo_gt.run(cfg, inputs, retry_failed=args.retry_failed)
         _print_summary(result.summary())
         return 0
-    except ConfigError as e:
-        return _fail(f"config error: {e}")
-    except Exception as e:  # one line for errors users cause; tracebacks for bugs
-        code = _report_failure(e, str(e), "pseudo-gt")
-        if code is None:
-            raise
-        return code
+
+    return _guarded("pseudo-gt", work)
 
 
 def _add_generate_parser(sub) -> None:
@@ -610,28 +590,19 @@ def main(argv: list[str] | None = None) -> int:
         return _evaluate_main(args)
     if args.command == "pseudo-gt":
         return _pseudo_gt_main(args)
-    try:
+    def work() -> int:
         cfg = _load(args)
         if args.command == "config":
             import yaml
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            return 0
-        if args.command == "render":
+        elif args.command == "render":
             from pipelines import render
 
-            result = render.run(cfg, force=args.force,
-                                retry_failed=args.retry_failed)
-            _print_summary(result.summary())
-            return 0
-    except ConfigError as e:
-        return _fail(f"config error: {e}")
-    except Exception as e:  # a clear one-line reason for errors users cause; tracebacks for bugs
-        code = _report_failure(e, str(e), args.command)
-        if code is None:
-            raise
-        return code
-    return 0
+            _print_summary(render.run(cfg, force=args.force, retry_failed=args.retry_failed).summary())
+        return 0
+
+    return _guarded(args.command, work)
 
 
 if __name__ == "__main__":
