@@ -43,8 +43,9 @@ Implementation of the torch path
     box touches (gsplat's tile rule; the tile edge, 4-16 px, is picked from the mean radius and
     does not change the output), order each tile's list front to back, and composite chunks of
     tiles with similar list lengths as dense [tiles, pixels, K] blocks of up to CPU_K_BLOCK
-    Gaussians, carrying T and the stopped state from block to block; a chunk ends once all its
-    pixels have stopped. The compositing is a custom autograd function whose backward walks the
+    Gaussians, carrying T and the stopped state from block to block; a tile leaves its chunk
+    once all its pixels have stopped (about a third of the work at the pseudo-GT benchmark's
+    size). The compositing is a custom autograd function whose backward walks the
     same blocks, recomputes the alphas and applies the closed-form gradient (as gsplat's
     backward kernel does), so memory stays bounded by one block. Blocks are kept small
     (CPU_CHUNK_ELEMENTS): on this machine large temporaries cost page faults on every call.
@@ -622,20 +623,21 @@ def _pack(means2d, conics, opacities, colors) -> Tensor:
 def _blocks(bins: dict, packed: Tensor):
     """Walk every chunk front to back in blocks of Gaussians, carrying the transmittance.
 
-    Yields, per block: chunk tile ids, the block's start in the lists, Gaussian ids [T, B],
-    their packed rows [T, B, 6 + D], the _alphas tuple, T before each Gaussian, the kept mask
-    as 0/1 (the 1e-4 stop rule: T after a kept Gaussian is > 1e-4; a prefix since T never
-    increases) and the weights alpha * T * kept. A chunk ends early once every pixel in it has
-    stopped. The last item is T after the block [T, P]; after a chunk's last block it is the
-    chunk's final transmittance.
+    Yields, per block: the tile ids still composited [T], the block's start in the lists,
+    Gaussian ids [T, B], their packed rows [T, B, 6 + D], the _alphas tuple, T before each
+    Gaussian, the kept mask as 0/1 (the 1e-4 stop rule: T after a kept Gaussian is > 1e-4; a
+    prefix since T never increases) and the weights alpha * T * kept. A tile whose pixels have
+    all stopped leaves its chunk after that block (what follows would have weight 0, and no
+    gradient); the chunk ends once none is left. The last item is T after the block [T, P]:
+    a tile's final transmittance in the last block that yields it.
     """
     for chunk, ids in _chunks(bins):
         px, py = _tile_pixels(bins, chunk, packed.dtype)
-        rows = packed[ids]  # [T, K, 6 + D]
         trans = torch.ones_like(px)  # [T, P]
         running = torch.ones_like(px)  # 0 once a pixel has stopped: it takes nothing more
         for k0 in range(0, ids.shape[1], CPU_K_BLOCK):
-            blk, params = ids[:, k0 : k0 + CPU_K_BLOCK], rows[:, k0 : k0 + CPU_K_BLOCK]
+            blk = ids[:, k0 : k0 + CPU_K_BLOCK]
+            params = packed[blk]  # [T, B, 6 + D]
             terms = _alphas(px, py, params)
             alpha = terms[-1]
             after = trans[..., None] * torch.cumprod(1.0 - alpha, dim=-1)
@@ -645,8 +647,11 @@ def _blocks(bins: dict, packed: Tensor):
             trans = torch.minimum(trans, (after * keep + (1.0 - keep)).amin(dim=-1))
             running = keep[..., -1]
             yield chunk, k0, blk, params, terms, before, keep, weights, trans
-            if not bool(running.any()):
-                break
+            live = running.amax(dim=1) > 0  # tiles with a pixel still running
+            if not bool(live.all()):
+                if not bool(live.any()):
+                    break
+                chunk, ids, px, py, trans, running = (t[live] for t in (chunk, ids, px, py, trans, running))
 
 
 class _Composite(torch.autograd.Function):
@@ -691,16 +696,15 @@ class _Composite(torch.autograd.Function):
         trans_term = g_trans * trans  # dL/dT_final * T_final
 
         grads = torch.zeros_like(packed)  # same packing: mx, my, a, b, c, opacity, colour
-        for chunk, k0, blk, params, terms, before, keep, weights, _ in _blocks(bins, packed):
+        carried = torch.zeros_like(total)  # per pixel, sum_{j <= k} w_j u_j over the blocks so far
+        for chunk, _, blk, params, terms, before, keep, weights, _ in _blocks(bins, packed):
             dx, dy, gauss, raw, alpha = terms
-            if k0 == 0:  # a new chunk: sum_{j <= k} w_j u_j starts again
-                g, chunk_total, chunk_trans_term = g_acc[chunk], total[chunk], trans_term[chunk]
-                carried = torch.zeros_like(chunk_total)
+            g = g_acc[chunk]
             u = torch.einsum("tpd,tkd->tpk", g, params[..., 6:])
-            prefix = carried[..., None] + torch.cumsum(weights * u, dim=-1)
-            carried = prefix[..., -1]
-            behind = chunk_total[..., None] - prefix
-            v_alpha = before * u - (behind + chunk_trans_term[..., None]) / (1.0 - alpha)
+            prefix = carried[chunk][..., None] + torch.cumsum(weights * u, dim=-1)
+            carried[chunk] = prefix[..., -1]
+            behind = total[chunk][..., None] - prefix
+            v_alpha = before * u - (behind + trans_term[chunk][..., None]) / (1.0 - alpha)
             # gradient only where alpha was used and not clamped (gsplat: o * G <= 0.999)
             v_alpha *= keep * _mask(torch.gt, alpha, 0.0) * _mask(torch.le, raw, MAX_ALPHA)
             v_sigma = -v_alpha * raw

@@ -158,6 +158,56 @@ def test_output_does_not_depend_on_tiling(monkeypatch, tile, block):
     torch.testing.assert_close(out_a, ref_a, atol=1e-10, rtol=0)
 
 
+def wall_scene():
+    """A thick opaque wall on the left (every pixel of its tiles stops after a few splats) and
+    faint splats on the right (those tiles run to the end of their lists)."""
+    W, H, n_wall, n_faint = 16, 8, 10, 12
+    f64 = dict(dtype=torch.float64)
+    viewmats = torch.eye(4, **f64)[None]
+    Ks = intrinsics(20.0, W, H)[None]
+    wall = torch.tensor([[-0.2, 0.0, 1.0 + 0.05 * i] for i in range(n_wall)], **f64)
+    faint = torch.stack([torch.linspace(0.05, 0.3, n_faint, **f64), torch.zeros(n_faint, **f64),
+                         1.0 + 0.05 * torch.arange(n_faint, **f64)], dim=1)  # fmt: skip
+    means = torch.cat([wall, faint])
+    quats = torch.tensor([[1.0, 0.0, 0.0, 0.0]], **f64).repeat(n_wall + n_faint, 1)
+    scales = torch.cat([torch.full((n_wall, 3), 0.3, **f64), torch.full((n_faint, 3), 0.05, **f64)])
+    opacities = torch.cat([torch.full((n_wall,), 0.99, **f64), torch.full((n_faint,), 0.2, **f64)])
+    colors = torch.rand(n_wall + n_faint, 3, generator=torch.Generator().manual_seed(0), **f64)
+    return means, quats, scales, opacities, colors, viewmats, Ks, W, H
+
+
+def test_tiles_whose_pixels_all_stopped_leave_their_chunk(monkeypatch):
+    """Work saved on stopped tiles changes nothing: the image is the reference's and the
+    gradients are those of one block per list (where no tile can leave early)."""
+    monkeypatch.setattr(splat, "CPU_TILE_SIZES", ((math.inf, 4),))
+    scene = list(wall_scene())
+
+    def render_and_grads(block):
+        monkeypatch.setattr(splat, "CPU_K_BLOCK", block)
+        leaves = [t.clone().requires_grad_() for t in scene[:5]]
+        out, alpha, _ = rasterize(*leaves, *scene[5:])
+        (out.square().sum() + alpha.sum()).backward()
+        return out.detach(), alpha.detach(), [t.grad for t in leaves]
+
+    blocks = splat._blocks
+    tiles_per_block = []
+
+    def spy(bins, packed):
+        for item in blocks(bins, packed):
+            tiles_per_block.append(len(item[0]))
+            yield item
+
+    monkeypatch.setattr(splat, "_blocks", spy)
+    out, alpha, grads = render_and_grads(2)
+    assert tiles_per_block[0] > tiles_per_block[-1] > 0  # the wall's tiles left early
+    ref_c, ref_a = reference_render(*scene)
+    torch.testing.assert_close(out, ref_c, atol=1e-10, rtol=0)
+    torch.testing.assert_close(alpha, ref_a, atol=1e-10, rtol=0)
+    _, _, one_block = render_and_grads(64)
+    for g, expect in zip(grads, one_block):
+        torch.testing.assert_close(g, expect, atol=1e-10, rtol=1e-10)
+
+
 def stop_rule_scene():
     """Five splats on one pixel's ray, each with alpha 0.95 at that pixel."""
     W, H = 9, 7
