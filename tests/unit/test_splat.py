@@ -158,6 +158,46 @@ def test_output_does_not_depend_on_tiling(monkeypatch, tile, block):
     torch.testing.assert_close(out_a, ref_a, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_a_batch_of_scenes_renders_each_scene_as_alone(dtype, atol):
+    """gsplat's leading batch dims: scene b seen by its own cameras, as if rendered by itself
+    (images, meta, gradients); per-camera and SH colours; nested batch dims."""
+    scenes = [random_scene(n=40, seed=s, dtype=dtype, width=20, height=20) for s in (7, 8, 9)]
+    for scene in scenes[1:]:  # each scene its own cameras
+        scene[5][:] = scene[5] @ look_at_w2c((0.3, -0.2, 0.1), (0.0, 0.0, 1.0), dtype=dtype)
+    W, H = 20, 20
+    bgs = torch.rand(3, 2, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    sh = torch.randn(3, 40, 4, 3, generator=torch.Generator().manual_seed(1), dtype=dtype) * 0.3
+    leaves = [torch.stack([s[i] for s in scenes]).requires_grad_() for i in range(5)]
+    cams = [torch.stack([s[i] for s in scenes]) for i in (5, 6)]
+    for colors, kw in ((leaves[4], {}), (sh, {"sh_degree": 1}), (leaves[4][:, None].expand(3, 2, 40, 3), {})):
+        out, alpha, meta = rasterize(*leaves[:4], colors, *cams, W, H, backgrounds=bgs, render_mode="RGB+ED", **kw)
+        assert out.shape == (3, 2, H, W, 4) and alpha.shape == (3, 2, H, W, 1)
+        assert meta["radii"].shape == (3, 2, 40, 2) and meta["n_batches"] == 3
+        (out.square().sum() + alpha.sum()).backward()
+        batch_grads = [t.grad for t in leaves]
+        for t in leaves:
+            t.grad = None  # the per-scene renders' gradients accumulate afresh
+        for b in range(3):
+            one = [t[b] for t in leaves]
+            o, a, m = rasterize(*one[:4], colors[b], *(c[b] for c in cams), W, H, backgrounds=bgs[b],
+                                render_mode="RGB+ED", **kw)  # fmt: skip
+            torch.testing.assert_close(out[b], o, atol=atol, rtol=0)
+            torch.testing.assert_close(alpha[b], a, atol=atol, rtol=0)
+            assert torch.equal(meta["radii"][b], m["radii"])
+            (o.square().sum() + a.sum()).backward()
+        for g, expect in zip(batch_grads, (t.grad for t in leaves)):
+            torch.testing.assert_close(g, expect, atol=atol * 100, rtol=atol)  # (None where SH colours)
+        for t in leaves:
+            t.grad = None
+    nested = rasterize(*(t.detach().reshape(3, 1, *t.shape[1:]) for t in leaves),
+                       *(c.reshape(3, 1, *c.shape[1:]) for c in cams), W, H)[0]  # fmt: skip
+    flat = rasterize(*(t.detach() for t in leaves), *cams, W, H)[0]
+    assert nested.shape == (3, 1, 2, H, W, 3) and torch.equal(nested[:, 0], flat)
+    with pytest.raises(ValueError, match="viewmats must have shape"):
+        rasterize(*(t.detach() for t in leaves), cams[0][0], cams[1][0], W, H)
+
+
 def wall_scene():
     """A thick opaque wall on the left (every pixel of its tiles stops after a few splats) and
     faint splats on the right (those tiles run to the end of their lists)."""
@@ -502,3 +542,12 @@ def test_cuda_matches_torch_path():
     # our rasterize forwards CUDA tensors to gsplat
     via_c, via_a, _ = rasterize(*dev, backgrounds=bg.cuda(), render_mode="RGB+ED")
     torch.testing.assert_close(via_c, ref_c)
+    # a batch of scenes (leading batch dims) on both paths
+    other = list(random_scene(n=200, seed=6, dtype=torch.float32, width=64, height=48))
+    other[2] = other[2] * 0.3
+    batch = [torch.stack([a, b]) for a, b in zip(scene[:7], other[:7])] + scene[7:]
+    ours_c, ours_a, _ = rasterize(*batch, backgrounds=torch.stack([bg, bg]), render_mode="RGB+ED")
+    ref_c, ref_a, _ = rasterize(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in batch),
+                                backgrounds=torch.stack([bg, bg]).cuda(), render_mode="RGB+ED")  # fmt: skip
+    torch.testing.assert_close(ours_c, ref_c.cpu(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(ours_a, ref_a.cpu(), atol=1e-3, rtol=0)
