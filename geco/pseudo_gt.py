@@ -8,7 +8,8 @@ Per object (PAPER.md "Stage 2"; GECO v1's pseudo-GT script)::
                                  ──► rasterized (geco.render.splat) at the 6 Zero123++ poses of the
                                     render sample + ``num_views - 6`` random views ──► RGBA + depth
 
-Objects are batched through the teacher and the reconstructor (:meth:`PseudoGT.run`); a sample that
+Objects are batched through the teacher, the reconstructor and the rasterizer (:meth:`PseudoGT.run`;
+a view renders the same whichever objects share its batch); a sample that
 cannot be used (no conditioning view, no Zero123++ cameras, a broken image) is returned as a
 :class:`PseudoGTError` naming the object and the reason, and the rest of the batch goes on.
 
@@ -75,7 +76,7 @@ __all__ = [
 ]
 
 DEPTH_MIN_ALPHA = 0.5  # depth is 0 ("no surface") where the rendered alpha is below this
-RENDER_CHUNK = 10  # cameras rasterized per call (bounds memory at 50 views)
+RENDER_CHUNK = 10  # (object, view) pairs rasterized per call (bounds memory at 50 views, or 50 objects)
 
 
 class PseudoGTError(SampleError):
@@ -257,9 +258,11 @@ class PseudoGT:
             dtype=torch.float32)  # rendered where they are (gsplat on GPU, our torch path on CPU)
         t2 = time.perf_counter()
         n = len(ok)
+        rendered = self._render(gaussians, [cams for *_, cams in ok])
+        t3 = time.perf_counter()
         for b, (i, s, key, _, src_cams, cams) in enumerate(ok):
-            t3 = time.perf_counter()
-            members = self._render(gaussians[b], cams)
+            t4 = time.perf_counter()
+            members = rendered[b]
             members["cond.png"] = bytes(s["cond.png"])
             members["cameras.json"] = json.dumps([dict(src_cams[0], name="cond")] + [
                 dict(c.to_dict(), name=f"{j:03d}") for j, c in enumerate(cams)]).encode()
@@ -272,23 +275,30 @@ class PseudoGT:
             members["gaussians.ply"] = ply.getvalue()
             out[i] = Result(key, members, g_b, teacher_grid,
                             {"teacher": (t1 - t0) / n, "reconstructor": (t2 - t1) / n,
-                             "render": time.perf_counter() - t3})
+                             "render": (t3 - t2) / n + time.perf_counter() - t4})
         return out
 
-    def _render(self, gaussians, cams: list[Camera]) -> dict[str, bytes]:
-        """RGBA PNG + depth of each camera (module docstring)."""
+    def _render(self, gaussians, cams: list[list[Camera]]) -> list[dict[str, bytes]]:
+        """RGBA PNG + depth of each object's cameras (module docstring): ``gaussians`` batched
+        [B, N, ...], ``cams`` B lists of ``cfg.num_views``. A call rasterizes up to RENDER_CHUNK
+        (object, view) pairs: several objects' views at once (one batch of scenes)."""
         res = self.cfg.resolution
-        viewmats = torch.tensor(np.stack([c.w2c_opencv for c in cams]), dtype=torch.float32)
-        Ks = torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32)
-        members: dict[str, bytes] = {}
-        for start in range(0, len(cams), RENDER_CHUNK):
-            sl = slice(start, start + RENDER_CHUNK)
-            out, alpha = render_gaussians(gaussians, viewmats[sl], Ks[sl], res, res, background=0.0,
-                                          render_mode="RGB+ED")
-            for j in range(out.shape[1]):
-                name = f"{start + j:03d}"
-                rgb, depth, a = out[0, j, :3].cpu(), out[0, j, 3].cpu(), alpha[0, j].cpu()
-                members[f"{name}.png"] = _rgba_png(rgb, a)
-                d = torch.where(a[0] >= DEPTH_MIN_ALPHA, depth, torch.zeros_like(depth))
-                members[f"{name}.depth.npy"] = _npy(d.numpy().astype(np.float16))
+        viewmats = torch.tensor(np.stack([[c.w2c_opencv for c in cs] for cs in cams]), dtype=torch.float32)
+        Ks = torch.tensor(np.stack([[c.K for c in cs] for cs in cams]), dtype=torch.float32)
+        members: list[dict[str, bytes]] = [{} for _ in cams]
+        objects = min(len(cams), RENDER_CHUNK)
+        views = max(1, RENDER_CHUNK // objects)
+        for o in range(0, len(cams), objects):
+            for v in range(0, viewmats.shape[1], views):
+                sl = (slice(o, o + objects), slice(v, v + views))
+                out, alpha = render_gaussians(gaussians[sl[0]], viewmats[sl], Ks[sl], res, res, background=0.0,
+                                              render_mode="RGB+ED")
+                out, alpha = out.cpu(), alpha.cpu()
+                for b, m in enumerate(members[sl[0]]):
+                    for j in range(out.shape[1]):
+                        name = f"{v + j:03d}"
+                        rgb, depth, a = out[b, j, :3], out[b, j, 3], alpha[b, j]
+                        m[f"{name}.png"] = _rgba_png(rgb, a)
+                        d = torch.where(a[0] >= DEPTH_MIN_ALPHA, depth, torch.zeros_like(depth))
+                        m[f"{name}.depth.npy"] = _npy(d.numpy().astype(np.float16))
         return members

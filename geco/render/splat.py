@@ -15,6 +15,12 @@ Conventions (DESIGN.md "Conventions")
     in pixels; pixel (row i, column j) has its centre at (j + 0.5, i + 0.5).
     Returns render_colors [C, H, W, X] (X = D, 1 for "D"/"ED", D + 1 for "RGB+D"/"RGB+ED",
     the depth last), render_alphas [C, H, W, 1] and a meta dict.
+    Batches of scenes, as gsplat: every tensor may carry the same leading batch dims [...]
+    (means [..., N, 3], viewmats [..., C, 4, 4], backgrounds [..., C, D], ...; scene b is seen
+    by its own C cameras only); the results get them too ([..., C, H, W, X], meta [..., C, N, ...]).
+    The torch path treats B scenes of C cameras as B * C cameras, each with its scene's N
+    Gaussians: an image is the one its scene renders alone (to float rounding, should the
+    tile edge picked from the whole batch's radii differ from the scene's own).
 
 The rules (read from gsplat 1.5.3's CUDA kernels: ProjectionEWA3DGSFused.cu, IntersectTile.cu,
 RasterizeToPixels3DGSFwd.cu / Bwd.cu, include/Utils.cuh)
@@ -43,8 +49,9 @@ Implementation of the torch path
     box touches (gsplat's tile rule; the tile edge, 4-16 px, is picked from the mean radius and
     does not change the output), order each tile's list front to back, and composite chunks of
     tiles with similar list lengths as dense [tiles, pixels, K] blocks of up to CPU_K_BLOCK
-    Gaussians, carrying T and the stopped state from block to block; a chunk ends once all its
-    pixels have stopped. The compositing is a custom autograd function whose backward walks the
+    Gaussians, carrying T and the stopped state from block to block; a tile leaves its chunk
+    once all its pixels have stopped (about a third of the work at the pseudo-GT benchmark's
+    size). The compositing is a custom autograd function whose backward walks the
     same blocks, recomputes the alphas and applies the closed-form gradient (as gsplat's
     backward kernel does), so memory stays bounded by one block. Blocks are kept small
     (CPU_CHUNK_ELEMENTS): on this machine large temporaries cost page faults on every call.
@@ -138,7 +145,7 @@ def rasterize(
     """Render Gaussians into C images; gsplat.rasterization's arguments and results.
 
     Differs from gsplat only in the default ``packed=False`` (both paths then return meta
-    tensors shaped [C, N, ...]). ``tile_size``, ``channel_chunk`` and ``segmented`` only tune
+    tensors shaped [..., C, N, ...]). ``tile_size``, ``channel_chunk`` and ``segmented`` only tune
     gsplat's kernels; the torch path accepts and ignores them (they do not change the output).
     See the module docstring for shapes, conventions and the exact rules.
     """
@@ -180,9 +187,9 @@ def render_gaussians(
     gaussians: Gaussians, viewmats: Tensor, Ks: Tensor, width: int, height: int, background=1.0, **raster_kwargs
 ) -> tuple[Tensor, Tensor]:
     """Render :class:`~geco.gaussians.Gaussians` (batched [B,N,...] or one object's [N,...]) through
-    :func:`rasterize`, object by object, with cameras viewmats [B,C,4,4] (or shared [C,4,4])
-    world-to-camera OpenCV and Ks [B,C,3,3] (or [C,3,3]). ``background``: a float, [3] or [B,3].
-    Returns rgb [B,C,3,H,W] and alpha [B,C,1,H,W]."""
+    one :func:`rasterize` call (the objects as its batch dim), with cameras viewmats [B,C,4,4] (or
+    shared [C,4,4]) world-to-camera OpenCV and Ks [B,C,3,3] (or [C,3,3]). ``background``: a float,
+    [3] or [B,3]. Returns rgb [B,C,3,H,W] and alpha [B,C,1,H,W]."""
     g = gaussians if gaussians.batched else gaussians[None]
     B = len(g)
     dev, dt = g.means.device, g.means.dtype
@@ -195,24 +202,11 @@ def render_gaussians(
     C = viewmats.shape[1]
     bg = torch.as_tensor(background, dtype=dt, device=dev)
     bg = bg.expand(B, 3) if bg.dim() < 2 else bg
-    rgbs, alphas = [], []
-    for b in range(B):
-        colors, alpha, _ = rasterize(
-            g.means[b],
-            g.quats[b],
-            g.scales[b],
-            g.opacities[b],
-            g.rgb[b],
-            viewmats[b],
-            Ks[b],
-            int(width),
-            int(height),
-            backgrounds=bg[b].expand(C, 3),
-            **raster_kwargs,
-        )
-        rgbs.append(colors.permute(0, 3, 1, 2))
-        alphas.append(alpha.permute(0, 3, 1, 2))
-    return torch.stack(rgbs), torch.stack(alphas)
+    colors, alpha, _ = rasterize(
+        g.means, g.quats, g.scales, g.opacities, g.rgb, viewmats, Ks, int(width), int(height),
+        backgrounds=bg[:, None, :].expand(B, C, 3), **raster_kwargs,
+    )  # fmt: skip
+    return colors.permute(0, 1, 4, 2, 3), alpha.permute(0, 1, 4, 2, 3)
 
 
 def _refuse_unimplemented(*, packed, sparse_grad, absgrad, distributed, camera_model,
@@ -246,18 +240,20 @@ def _refuse_unimplemented(*, packed, sparse_grad, absgrad, distributed, camera_m
 def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, *,
                      near_plane, far_plane, radius_clip, eps2d, sh_degree, backgrounds,
                      render_mode, antialiased, covars) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
-    if means.dim() != 2:
-        raise NotImplementedError("rasterize torch path: batch dimensions (means [..., N, 3]) are not implemented")
-    N, C = means.shape[0], viewmats.shape[0]
-    _check_shape("means", means, (N, 3))
+    if means.dim() < 2 or viewmats.dim() < 3:
+        raise ValueError(f"means must be [..., N, 3] and viewmats [..., C, 4, 4], got {tuple(means.shape)} "
+                         f"and {tuple(viewmats.shape)}")
+    batch = tuple(means.shape[:-2])
+    N, C = means.shape[-2], viewmats.shape[-3]
+    _check_shape("means", means, batch + (N, 3))
     if covars is None:
-        _check_shape("quats", quats, (N, 4))
-        _check_shape("scales", scales, (N, 3))
+        _check_shape("quats", quats, batch + (N, 4))
+        _check_shape("scales", scales, batch + (N, 3))
     else:
-        _check_shape("covars", covars, (N, 3, 3))
-    _check_shape("opacities", opacities, (N,))
-    _check_shape("viewmats", viewmats, (C, 4, 4))
-    _check_shape("Ks", Ks, (C, 3, 3))
+        _check_shape("covars", covars, batch + (N, 3, 3))
+    _check_shape("opacities", opacities, batch + (N,))
+    _check_shape("viewmats", viewmats, batch + (C, 4, 4))
+    _check_shape("Ks", Ks, batch + (C, 3, 3))
 
     proj = project_gaussians(
         means, quats, scales, opacities, viewmats, Ks, width, height, eps2d=eps2d,
@@ -265,8 +261,12 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
         antialiased=antialiased, covars=covars,
     )  # fmt: skip
 
-    colors = _gaussian_colors(colors, sh_degree, means, viewmats, N, C)  # [C, N, D]
-    depths = proj["depths"]
+    colors = _gaussian_colors(colors, sh_degree, means, viewmats, batch, N, C)  # [..., C, N, D]
+    # from here on B scenes of C cameras are BC = B * C cameras, camera k seeing its scene's N Gaussians
+    BC = math.prod(batch) * C
+    colors = colors.reshape(BC, N, colors.shape[-1])
+    flat = {k: v.reshape((BC, N) + v.shape[len(batch) + 2:]) for k, v in proj.items()}
+    depths = flat["depths"]
     if render_mode in ("RGB+D", "RGB+ED"):
         colors = torch.cat([colors, depths[..., None]], dim=-1)
     elif render_mode in ("D", "ED"):
@@ -278,23 +278,25 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
             backgrounds = torch.cat([backgrounds, backgrounds.new_zeros(backgrounds.shape[:-1] + (1,))], -1)
         elif render_mode in ("D", "ED"):
             backgrounds = backgrounds.new_zeros(backgrounds.shape[:-1] + (1,))
-        backgrounds = torch.broadcast_to(backgrounds, (C, D))
+        backgrounds = torch.broadcast_to(backgrounds, batch + (C, D)).reshape(BC, D)
 
-    tile = _pick_tile_size(proj["radii"])
-    bins = _bin_to_tiles(proj["means2d"].detach(), proj["radii"], depths.detach(), width, height, tile)
+    tile = _pick_tile_size(flat["radii"])
+    bins = _bin_to_tiles(flat["means2d"].detach(), flat["radii"], depths.detach(), width, height, tile)
     acc, transmittance = _Composite.apply(
-        proj["means2d"].reshape(C * N, 2),
-        proj["conics"].reshape(C * N, 3),
-        proj["opacities"].reshape(C * N),
-        colors.reshape(C * N, D),
+        flat["means2d"].reshape(BC * N, 2),
+        flat["conics"].reshape(BC * N, 3),
+        flat["opacities"].reshape(BC * N),
+        colors.reshape(BC * N, D),
         bins,
-    )  # [C, H, W, D], [C, H, W, 1]
+    )  # [BC, H, W, D], [BC, H, W, 1]
     render_alphas = 1.0 - transmittance
     render_colors = acc if backgrounds is None else acc + transmittance * backgrounds[:, None, None, :]
     if render_mode in ("ED", "RGB+ED"):
         render_colors = torch.cat(
             [render_colors[..., :-1], render_colors[..., -1:] / render_alphas.clamp(min=1e-10)], dim=-1
         )
+    render_colors = render_colors.reshape(batch + (C,) + render_colors.shape[-3:])
+    render_alphas = render_alphas.reshape(batch + (C,) + render_alphas.shape[-3:])
 
     meta = {
         "batch_ids": None,
@@ -302,16 +304,16 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
         "gaussian_ids": None,
         "radii": proj["radii"],
         "means2d": proj["means2d"],
-        "depths": depths,
+        "depths": proj["depths"],
         "conics": proj["conics"],
         "opacities": proj["opacities"],
         "tile_width": bins["tiles_x"],
         "tile_height": bins["tiles_y"],
-        "tiles_per_gauss": bins["tiles_per_gauss"],
+        "tiles_per_gauss": bins["tiles_per_gauss"].reshape(batch + (C, N)),
         "width": width,
         "height": height,
         "tile_size": bins["tile"],
-        "n_batches": 1,
+        "n_batches": math.prod(batch),
         "n_cameras": C,
     }
     return render_colors, render_alphas, meta
@@ -337,22 +339,24 @@ def project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, heig
                       antialiased=False, covars=None) -> dict[str, Tensor]:  # fmt: skip
     """EWA-project N Gaussians into C pinhole cameras (gsplat's fused projection, unpacked).
 
-    Returns a dict of [C, N, ...] tensors: ``means2d`` [.., 2] (pixels), ``conics`` [.., 3]
+    means [..., N, 3] (quats, scales, opacities, covars alike), viewmats [..., C, 4, 4], Ks
+    [..., C, 3, 3], the same leading batch dims on all (a batch of scenes, each with its cameras).
+    Returns a dict of [..., C, N, ...] tensors: ``means2d`` [.., 2] (pixels), ``conics`` [.., 3]
     (a, b, c of the inverse blurred 2D covariance), ``depths`` (camera z), ``opacities``
     (times the antialiasing compensation when asked), ``radii`` [.., 2] int32 (0 = culled) and
     ``valid`` (bool). Culled entries keep finite values and receive no gradient.
     """
     if covars is None:
         covars = _quat_scale_to_covar(quats, scales)
-    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
-    means_c = torch.einsum("cij,nj->cni", R, means) + t[:, None, :]  # [C, N, 3]
-    covars_c = torch.einsum("cij,njk,clk->cnil", R, covars, R)  # [C, N, 3, 3]
+    R, t = viewmats[..., :3, :3], viewmats[..., :3, 3]
+    means_c = torch.einsum("...cij,...nj->...cni", R, means) + t[..., None, :]  # [..., C, N, 3]
+    covars_c = torch.einsum("...cij,...njk,...clk->...cnil", R, covars, R)  # [..., C, N, 3, 3]
     x, y, z = means_c.unbind(-1)
     in_depth = (z >= near_plane) & (z <= far_plane)
     z = torch.where(in_depth, z, torch.ones_like(z))  # keep culled entries finite
 
-    fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]  # [C, 1]
-    cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
+    fx, fy = Ks[..., 0, 0, None], Ks[..., 1, 1, None]  # [..., C, 1]
+    cx, cy = Ks[..., 0, 2, None], Ks[..., 1, 2, None]
     margin_x, margin_y = 0.3 * (0.5 * width / fx), 0.3 * (0.5 * height / fy)
     # Jacobian of (fx x/z + cx, fy y/z + cy) with x/z, y/z clamped to the widened frustum
     tx = z * torch.minimum(torch.maximum(x / z, -(cx / fx + margin_x)), (width - cx) / fx + margin_x)
@@ -360,7 +364,7 @@ def project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, heig
     zero = torch.zeros_like(z)
     J = torch.stack([fx / z, zero, -fx * tx / (z * z), zero, fy / z, -fy * ty / (z * z)], dim=-1)
     J = J.reshape(z.shape + (2, 3))
-    cov2d = J @ covars_c @ J.transpose(-1, -2)  # [C, N, 2, 2]
+    cov2d = J @ covars_c @ J.transpose(-1, -2)  # [..., C, N, 2, 2]
     means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], dim=-1)
 
     c00, c01, c10, c11 = cov2d[..., 0, 0], cov2d[..., 0, 1], cov2d[..., 1, 0], cov2d[..., 1, 1]
@@ -370,7 +374,7 @@ def project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, heig
     det_safe = torch.where(det > 0, det, torch.ones_like(det))
     conics = torch.stack([c11 / det_safe, -0.5 * (c01 + c10) / det_safe, c00 / det_safe], dim=-1)
 
-    opac = torch.broadcast_to(opacities[None, :], z.shape)
+    opac = torch.broadcast_to(opacities[..., None, :], z.shape)
     if antialiased:
         opac = opac * torch.sqrt(torch.clamp(det_orig / det_safe, min=0.0))
 
@@ -450,22 +454,23 @@ def eval_sh(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
     return (basis[..., None] * coeffs[..., :n_bases, :]).sum(dim=-2)
 
 
-def _gaussian_colors(colors, sh_degree, means, viewmats, N, C) -> Tensor:
-    """Per-camera colours [C, N, D]: as given, or max(SH + 0.5, 0) seen from each camera."""
+def _gaussian_colors(colors, sh_degree, means, viewmats, batch, N, C) -> Tensor:
+    """Per-camera colours [..., C, N, D]: as given, or max(SH + 0.5, 0) seen from each camera."""
+    nb, shape = len(batch), tuple(colors.shape)
     if sh_degree is None:
-        if colors.dim() == 2 and colors.shape[0] == N:
-            return torch.broadcast_to(colors[None], (C,) + tuple(colors.shape))
-        if colors.dim() == 3 and colors.shape[:2] == (C, N):
+        if colors.dim() == nb + 2 and shape[:-1] == batch + (N,):
+            return torch.broadcast_to(colors[..., None, :, :], batch + (C,) + shape[-2:])
+        if colors.dim() == nb + 3 and shape[:-1] == batch + (C, N):
             return colors
-        raise ValueError(f"colors must be [N, D] or [C, N, D] without sh_degree, got {tuple(colors.shape)}")
-    if colors.dim() == 3 and colors.shape[0] == N and colors.shape[-1] == 3:
-        coeffs = torch.broadcast_to(colors[None], (C,) + tuple(colors.shape))
-    elif colors.dim() == 4 and colors.shape[:2] == (C, N) and colors.shape[-1] == 3:
+        raise ValueError(f"colors must be [..., N, D] or [..., C, N, D] without sh_degree, got {shape}")
+    if colors.dim() == nb + 3 and shape[:-2] == batch + (N,) and shape[-1] == 3:
+        coeffs = torch.broadcast_to(colors[..., None, :, :, :], batch + (C,) + shape[-3:])
+    elif colors.dim() == nb + 4 and shape[:-2] == batch + (C, N) and shape[-1] == 3:
         coeffs = colors
     else:
-        raise ValueError(f"SH colors must be [N, K, 3] or [C, N, K, 3], got {tuple(colors.shape)}")
-    campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
-    dirs = means[None, :, :] - campos[:, None, :]  # [C, N, 3]
+        raise ValueError(f"SH colors must be [..., N, K, 3] or [..., C, N, K, 3], got {shape}")
+    campos = torch.linalg.inv(viewmats)[..., :3, 3]  # [..., C, 3]
+    dirs = means[..., None, :, :] - campos[..., :, None, :]  # [..., C, N, 3]
     return torch.clamp_min(eval_sh(sh_degree, dirs, coeffs) + 0.5, 0.0)
 
 
@@ -622,20 +627,21 @@ def _pack(means2d, conics, opacities, colors) -> Tensor:
 def _blocks(bins: dict, packed: Tensor):
     """Walk every chunk front to back in blocks of Gaussians, carrying the transmittance.
 
-    Yields, per block: chunk tile ids, the block's start in the lists, Gaussian ids [T, B],
-    their packed rows [T, B, 6 + D], the _alphas tuple, T before each Gaussian, the kept mask
-    as 0/1 (the 1e-4 stop rule: T after a kept Gaussian is > 1e-4; a prefix since T never
-    increases) and the weights alpha * T * kept. A chunk ends early once every pixel in it has
-    stopped. The last item is T after the block [T, P]; after a chunk's last block it is the
-    chunk's final transmittance.
+    Yields, per block: the tile ids still composited [T], the block's start in the lists,
+    Gaussian ids [T, B], their packed rows [T, B, 6 + D], the _alphas tuple, T before each
+    Gaussian, the kept mask as 0/1 (the 1e-4 stop rule: T after a kept Gaussian is > 1e-4; a
+    prefix since T never increases) and the weights alpha * T * kept. A tile whose pixels have
+    all stopped leaves its chunk after that block (what follows would have weight 0, and no
+    gradient); the chunk ends once none is left. The last item is T after the block [T, P]:
+    a tile's final transmittance in the last block that yields it.
     """
     for chunk, ids in _chunks(bins):
         px, py = _tile_pixels(bins, chunk, packed.dtype)
-        rows = packed[ids]  # [T, K, 6 + D]
         trans = torch.ones_like(px)  # [T, P]
         running = torch.ones_like(px)  # 0 once a pixel has stopped: it takes nothing more
         for k0 in range(0, ids.shape[1], CPU_K_BLOCK):
-            blk, params = ids[:, k0 : k0 + CPU_K_BLOCK], rows[:, k0 : k0 + CPU_K_BLOCK]
+            blk = ids[:, k0 : k0 + CPU_K_BLOCK]
+            params = packed[blk]  # [T, B, 6 + D]
             terms = _alphas(px, py, params)
             alpha = terms[-1]
             after = trans[..., None] * torch.cumprod(1.0 - alpha, dim=-1)
@@ -645,8 +651,11 @@ def _blocks(bins: dict, packed: Tensor):
             trans = torch.minimum(trans, (after * keep + (1.0 - keep)).amin(dim=-1))
             running = keep[..., -1]
             yield chunk, k0, blk, params, terms, before, keep, weights, trans
-            if not bool(running.any()):
-                break
+            live = running.amax(dim=1) > 0  # tiles with a pixel still running
+            if not bool(live.all()):
+                if not bool(live.any()):
+                    break
+                chunk, ids, px, py, trans, running = (t[live] for t in (chunk, ids, px, py, trans, running))
 
 
 class _Composite(torch.autograd.Function):
@@ -691,16 +700,15 @@ class _Composite(torch.autograd.Function):
         trans_term = g_trans * trans  # dL/dT_final * T_final
 
         grads = torch.zeros_like(packed)  # same packing: mx, my, a, b, c, opacity, colour
-        for chunk, k0, blk, params, terms, before, keep, weights, _ in _blocks(bins, packed):
+        carried = torch.zeros_like(total)  # per pixel, sum_{j <= k} w_j u_j over the blocks so far
+        for chunk, _, blk, params, terms, before, keep, weights, _ in _blocks(bins, packed):
             dx, dy, gauss, raw, alpha = terms
-            if k0 == 0:  # a new chunk: sum_{j <= k} w_j u_j starts again
-                g, chunk_total, chunk_trans_term = g_acc[chunk], total[chunk], trans_term[chunk]
-                carried = torch.zeros_like(chunk_total)
+            g = g_acc[chunk]
             u = torch.einsum("tpd,tkd->tpk", g, params[..., 6:])
-            prefix = carried[..., None] + torch.cumsum(weights * u, dim=-1)
-            carried = prefix[..., -1]
-            behind = chunk_total[..., None] - prefix
-            v_alpha = before * u - (behind + chunk_trans_term[..., None]) / (1.0 - alpha)
+            prefix = carried[chunk][..., None] + torch.cumsum(weights * u, dim=-1)
+            carried[chunk] = prefix[..., -1]
+            behind = total[chunk][..., None] - prefix
+            v_alpha = before * u - (behind + trans_term[chunk][..., None]) / (1.0 - alpha)
             # gradient only where alpha was used and not clamped (gsplat: o * G <= 0.999)
             v_alpha *= keep * _mask(torch.gt, alpha, 0.0) * _mask(torch.le, raw, MAX_ALPHA)
             v_sigma = -v_alpha * raw

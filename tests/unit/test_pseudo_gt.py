@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from geco.cameras import Camera
 from geco.config import load_config
@@ -16,6 +17,7 @@ from geco.data.schema import decode_sample
 from geco.export import load_ply
 from geco.gaussians import Gaussians
 from geco.pseudo_gt import (
+    DEPTH_MIN_ALPHA,
     PseudoGT,
     PseudoGTError,
     PseudoGTSetupError,
@@ -104,8 +106,6 @@ def test_samples_decode_and_their_ply_renders_what_their_views_show(pseudo_gt):
         noise = np.load(io.BytesIO(m["noise.npy"]))
         assert noise.dtype == np.float32 and noise.shape == teacher.latent_shape(1)[1:]
         assert torch.equal(torch.from_numpy(noise), initial_noise(res.key, 0, noise.shape))
-        from PIL import Image
-
         grid = np.asarray(Image.open(io.BytesIO(m["teacher.png"])))
         assert grid.shape == (3 * 16, 2 * 16, 3)
         # the .ply read back, rendered at the stored cameras, gives the stored views (8-bit rounding apart)
@@ -123,6 +123,48 @@ def test_samples_decode_and_their_ply_renders_what_their_views_show(pseudo_gt):
         expect = view_cameras(res.key, json.loads(src["cameras.json"]), pseudo_gt.cfg)
         stored = [Camera.from_dict({k: c[k] for k in c if k != "name"}) for c in d["cameras"][1:]]
         assert stored == expect
+
+
+@pytest.mark.parametrize("chunk", [10, 2])  # 3 objects x 1 view a call; 2 objects x 1 view, then 1 x 2
+def test_objects_rendered_together_get_the_views_they_get_alone(pseudo_gt, monkeypatch, chunk):
+    """PseudoGT rasterizes several objects' views in one call (RENDER_CHUNK (object, view) pairs):
+    each object's images are the ones it renders by itself, to 1e-6 (float rounding apart: the
+    rasterizer's tile edge follows the call's radii), and so are its stored members."""
+    import geco.pseudo_gt as pgt_module
+
+    monkeypatch.setattr(pgt_module, "RENDER_CHUNK", chunk)
+    samples = [render_sample(k) for k in ("obj-a", "obj-b", "obj-c")]
+    results = pseudo_gt.run(samples)
+    g = Gaussians(*(torch.stack([getattr(r.gaussians, f) for r in results])
+                    for f in ("means", "quats", "scales", "opacities", "rgb")))  # fmt: skip
+    cams = [view_cameras(r.key, json.loads(s["cameras.json"]), pseudo_gt.cfg) for r, s in zip(results, samples)]
+    viewmats = torch.tensor(np.stack([[c.w2c_opencv for c in cs] for cs in cams]), dtype=torch.float32)
+    Ks = torch.tensor(np.stack([[c.K for c in cs] for cs in cams]), dtype=torch.float32)
+    objects = min(3, chunk)  # the calls _render makes
+    views = max(1, chunk // objects)
+    for o in range(0, 3, objects):
+        for v in range(0, 10, views):
+            sl = (slice(o, o + objects), slice(v, v + views))
+            rgb, alpha = render_gaussians(g[sl[0]], viewmats[sl], Ks[sl], 24, 24, background=0.0, render_mode="RGB+ED")
+            for b in range(rgb.shape[0]):
+                rgb_b, alpha_b = render_gaussians(g[o + b], viewmats[o + b], Ks[o + b], 24, 24, background=0.0,
+                                                  render_mode="RGB+ED")  # fmt: skip
+                torch.testing.assert_close(rgb[b, :, :3], rgb_b[0, sl[1], :3], atol=1e-6, rtol=0)
+                torch.testing.assert_close(alpha[b], alpha_b[0, sl[1]], atol=1e-6, rtol=0)
+                # depth = accumulated z / alpha: relative rounding, where it is stored (alpha >= 0.5)
+                surface = alpha[b, :, 0] >= DEPTH_MIN_ALPHA
+                torch.testing.assert_close(rgb[b, :, 3][surface], rgb_b[0, sl[1], 3][surface], atol=0, rtol=1e-6)
+    # the members: run() stores _render's; alone, the same up to 8-bit / float16 rounding
+    alone = [pseudo_gt._render(g[b:b + 1], [cams[b]])[0] for b in range(3)]
+    for r, own in zip(results, alone):
+        assert sorted(own) == sorted(f"{i:03d}.{ext}" for i in range(10) for ext in ("png", "depth.npy"))
+        for name, data in own.items():
+            if name.endswith(".png"):
+                png = [np.asarray(Image.open(io.BytesIO(x)), dtype=np.int16) for x in (r.members[name], data)]
+                assert np.abs(png[0] - png[1]).max() <= 1
+            else:
+                depth = [np.load(io.BytesIO(x)).astype(np.float32) for x in (r.members[name], data)]
+                np.testing.assert_allclose(depth[0], depth[1], rtol=2e-3, atol=0)
 
 
 def test_pseudo_gt_cli_refuses_bad_input_in_one_line(tmp_path, capsys):

@@ -158,6 +158,96 @@ def test_output_does_not_depend_on_tiling(monkeypatch, tile, block):
     torch.testing.assert_close(out_a, ref_a, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_a_batch_of_scenes_renders_each_scene_as_alone(dtype, atol):
+    """gsplat's leading batch dims: scene b seen by its own cameras, as if rendered by itself
+    (images, meta, gradients); per-camera and SH colours; nested batch dims."""
+    scenes = [random_scene(n=40, seed=s, dtype=dtype, width=20, height=20) for s in (7, 8, 9)]
+    for scene in scenes[1:]:  # each scene its own cameras
+        scene[5][:] = scene[5] @ look_at_w2c((0.3, -0.2, 0.1), (0.0, 0.0, 1.0), dtype=dtype)
+    W, H = 20, 20
+    bgs = torch.rand(3, 2, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    sh = torch.randn(3, 40, 4, 3, generator=torch.Generator().manual_seed(1), dtype=dtype) * 0.3
+    leaves = [torch.stack([s[i] for s in scenes]).requires_grad_() for i in range(5)]
+    cams = [torch.stack([s[i] for s in scenes]) for i in (5, 6)]
+    for colors, kw in ((leaves[4], {}), (sh, {"sh_degree": 1}), (leaves[4][:, None].expand(3, 2, 40, 3), {})):
+        out, alpha, meta = rasterize(*leaves[:4], colors, *cams, W, H, backgrounds=bgs, render_mode="RGB+ED", **kw)
+        assert out.shape == (3, 2, H, W, 4) and alpha.shape == (3, 2, H, W, 1)
+        assert meta["radii"].shape == (3, 2, 40, 2) and meta["n_batches"] == 3
+        (out.square().sum() + alpha.sum()).backward()
+        batch_grads = [t.grad for t in leaves]
+        for t in leaves:
+            t.grad = None  # the per-scene renders' gradients accumulate afresh
+        for b in range(3):
+            one = [t[b] for t in leaves]
+            o, a, m = rasterize(*one[:4], colors[b], *(c[b] for c in cams), W, H, backgrounds=bgs[b],
+                                render_mode="RGB+ED", **kw)  # fmt: skip
+            torch.testing.assert_close(out[b], o, atol=atol, rtol=0)
+            torch.testing.assert_close(alpha[b], a, atol=atol, rtol=0)
+            assert torch.equal(meta["radii"][b], m["radii"])
+            (o.square().sum() + a.sum()).backward()
+        for g, expect in zip(batch_grads, (t.grad for t in leaves)):
+            torch.testing.assert_close(g, expect, atol=atol * 100, rtol=atol)  # (None where SH colours)
+        for t in leaves:
+            t.grad = None
+    nested = rasterize(*(t.detach().reshape(3, 1, *t.shape[1:]) for t in leaves),
+                       *(c.reshape(3, 1, *c.shape[1:]) for c in cams), W, H)[0]  # fmt: skip
+    flat = rasterize(*(t.detach() for t in leaves), *cams, W, H)[0]
+    assert nested.shape == (3, 1, 2, H, W, 3) and torch.equal(nested[:, 0], flat)
+    with pytest.raises(ValueError, match="viewmats must have shape"):
+        rasterize(*(t.detach() for t in leaves), cams[0][0], cams[1][0], W, H)
+
+
+def wall_scene():
+    """A thick opaque wall on the left (every pixel of its tiles stops after a few splats) and
+    faint splats on the right (those tiles run to the end of their lists)."""
+    W, H, n_wall, n_faint = 16, 8, 10, 12
+    f64 = dict(dtype=torch.float64)
+    viewmats = torch.eye(4, **f64)[None]
+    Ks = intrinsics(20.0, W, H)[None]
+    wall = torch.tensor([[-0.2, 0.0, 1.0 + 0.05 * i] for i in range(n_wall)], **f64)
+    faint = torch.stack([torch.linspace(0.05, 0.3, n_faint, **f64), torch.zeros(n_faint, **f64),
+                         1.0 + 0.05 * torch.arange(n_faint, **f64)], dim=1)  # fmt: skip
+    means = torch.cat([wall, faint])
+    quats = torch.tensor([[1.0, 0.0, 0.0, 0.0]], **f64).repeat(n_wall + n_faint, 1)
+    scales = torch.cat([torch.full((n_wall, 3), 0.3, **f64), torch.full((n_faint, 3), 0.05, **f64)])
+    opacities = torch.cat([torch.full((n_wall,), 0.99, **f64), torch.full((n_faint,), 0.2, **f64)])
+    colors = torch.rand(n_wall + n_faint, 3, generator=torch.Generator().manual_seed(0), **f64)
+    return means, quats, scales, opacities, colors, viewmats, Ks, W, H
+
+
+def test_tiles_whose_pixels_all_stopped_leave_their_chunk(monkeypatch):
+    """Work saved on stopped tiles changes nothing: the image is the reference's and the
+    gradients are those of one block per list (where no tile can leave early)."""
+    monkeypatch.setattr(splat, "CPU_TILE_SIZES", ((math.inf, 4),))
+    scene = list(wall_scene())
+
+    def render_and_grads(block):
+        monkeypatch.setattr(splat, "CPU_K_BLOCK", block)
+        leaves = [t.clone().requires_grad_() for t in scene[:5]]
+        out, alpha, _ = rasterize(*leaves, *scene[5:])
+        (out.square().sum() + alpha.sum()).backward()
+        return out.detach(), alpha.detach(), [t.grad for t in leaves]
+
+    blocks = splat._blocks
+    tiles_per_block = []
+
+    def spy(bins, packed):
+        for item in blocks(bins, packed):
+            tiles_per_block.append(len(item[0]))
+            yield item
+
+    monkeypatch.setattr(splat, "_blocks", spy)
+    out, alpha, grads = render_and_grads(2)
+    assert tiles_per_block[0] > tiles_per_block[-1] > 0  # the wall's tiles left early
+    ref_c, ref_a = reference_render(*scene)
+    torch.testing.assert_close(out, ref_c, atol=1e-10, rtol=0)
+    torch.testing.assert_close(alpha, ref_a, atol=1e-10, rtol=0)
+    _, _, one_block = render_and_grads(64)
+    for g, expect in zip(grads, one_block):
+        torch.testing.assert_close(g, expect, atol=1e-10, rtol=1e-10)
+
+
 def stop_rule_scene():
     """Five splats on one pixel's ray, each with alpha 0.95 at that pixel."""
     W, H = 9, 7
@@ -452,3 +542,12 @@ def test_cuda_matches_torch_path():
     # our rasterize forwards CUDA tensors to gsplat
     via_c, via_a, _ = rasterize(*dev, backgrounds=bg.cuda(), render_mode="RGB+ED")
     torch.testing.assert_close(via_c, ref_c)
+    # a batch of scenes (leading batch dims) on both paths
+    other = list(random_scene(n=200, seed=6, dtype=torch.float32, width=64, height=48))
+    other[2] = other[2] * 0.3
+    batch = [torch.stack([a, b]) for a, b in zip(scene[:7], other[:7])] + scene[7:]
+    ours_c, ours_a, _ = rasterize(*batch, backgrounds=torch.stack([bg, bg]), render_mode="RGB+ED")
+    ref_c, ref_a, _ = rasterize(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in batch),
+                                backgrounds=torch.stack([bg, bg]).cuda(), render_mode="RGB+ED")  # fmt: skip
+    torch.testing.assert_close(ours_c, ref_c.cpu(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(ours_a, ref_a.cpu(), atol=1e-3, rtol=0)
