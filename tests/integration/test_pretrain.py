@@ -2,9 +2,10 @@
 
 * a short run learns: held-out PSNR of teacher samples and reconstructor renders rises well above
   the untrained (step-0) values and 2.5 dB above a constant white image (the background) on the
-  same held-out batch, and the teacher's held-out diffusion loss is well below a random UNet's in
-  the same latent space (at this size neither model reliably beats the mean training image, nor
-  are their outputs specific to their object: see the test); everything is in
+  same held-out batch; the reconstructor's renders also beat every constant image (the mean
+  training image, each object's own mean colour); the teacher's held-out diffusion loss is well
+  below a random UNet's in the same latent space (at this size the teacher does not yet use its
+  condition, and neither model's outputs are specific to their object: see the test); everything is in
   MLflow (a real server): params, per-step losses and learning rates, eval metrics, sample grids,
   final weights; checkpoints hold no pickle and only the newest K are kept;
 * re-running resumes from the latest checkpoint (S3 storage, `geco train pretrain` CLI);
@@ -62,8 +63,9 @@ def child_runs(client, parent_id: str) -> dict[str, object]:
 
 
 def baselines(cfg, dataset: str) -> dict[str, dict[str, float]]:
-    """PSNR (dB) of constant images on the held-out batch each pretrain task evaluates on: white (the
-    background) and the mean image of the training objects."""
+    """PSNR (dB) of constant-image models on the held-out batch each pretrain task evaluates on: white
+    (the background), the mean image of the training objects and, for the reconstructor, each object's
+    own mean colour (the mean of its input views: what a model that passes only colour through gives)."""
     import torch
 
     from geco.data.loader import iter_dataset
@@ -75,16 +77,21 @@ def baselines(cfg, dataset: str) -> dict[str, dict[str, float]]:
     out = {}
     for target, key in (("teacher", "grid"), ("reconstructor", "sup_rgb")):
         task = TASKS[target](cfg, getattr(cfg.pretrain, target), WorkerContext())
-        val, train = (task.prepare(rows[s], training=False)[key] for s in ("val", "train"))
+        val_batch = task.prepare(rows["val"], training=False)
+        val, train = val_batch[key], task.prepare(rows["train"], training=False)[key]
         mean = train.flatten(0, -4).mean(0)  # the mean image over objects (and views)
         white = torch.ones_like(val) * (cfg.models.reconstructor.background if target == "reconstructor" else 1.0)
         out[target] = {"white": round(psnr(white, val), 2), "train_mean": round(psnr(mean.expand_as(val), val), 2)}
+        if target == "reconstructor":
+            own = val_batch["images"].mean(dim=(1, 3, 4))[:, None, :, None, None]  # [B, 1, 3, 1, 1]
+            out[target]["own_colour"] = round(psnr(own.expand_as(val), val), 2)
     return out
 
 
-def diffusion_losses(teacher, cfg, dataset: str, n_t: int = 8) -> tuple[float, float]:
-    """The held-out diffusion loss of ``teacher`` and of a fresh random UNet in its place (same VAE,
-    timesteps and noise)."""
+def diffusion_losses(teacher, cfg, dataset: str, n_t: int = 8) -> dict[str, float]:
+    """The held-out diffusion loss of ``teacher`` ("trained"), of the same teacher with the condition
+    dropped to the CFG-unconditional one ("uncond"), and of a fresh random UNet in its place
+    ("random"); same VAE, timesteps and noise for all three."""
     import torch
 
     from geco.data.loader import iter_dataset
@@ -95,15 +102,16 @@ def diffusion_losses(teacher, cfg, dataset: str, n_t: int = 8) -> tuple[float, f
     rows = sorted(iter_dataset(dataset, "val", decode=False), key=lambda r: r["__key__"])
     batch = TeacherPretrainTask(cfg, cfg.pretrain.teacher, WorkerContext()).prepare(rows, training=False)
     random_unet = build_tiny_teacher(cfg.models.teacher, seed=1).unet
-    losses = []
-    for unet in (None, random_unet):
+    losses = {}
+    for name, unet, drop in (("trained", None, False), ("uncond", None, True), ("random", random_unet, False)):
         g, total = torch.Generator().manual_seed(0), 0.0
         for t in torch.linspace(0, teacher.num_train_timesteps - 1, n_t).round().long().tolist():
             with torch.no_grad():
-                total += float(teacher.diffusion_loss(batch["cond"], batch["grid"], generator=g, unet=unet,
-                                                      t=torch.full((batch["grid"].shape[0],), t)))
-        losses.append(total / n_t)
-    return losses[0], losses[1]
+                cond = teacher.encode_condition(batch["cond"], g)
+                total += float(teacher.diffusion_loss(cond.uncond() if drop else cond, batch["grid"], generator=g,
+                                                      unet=unet, t=torch.full((batch["grid"].shape[0],), t)))
+        losses[name] = round(total / n_t, 4)
+    return losses
 
 
 def test_pretrain_learns_and_tracks_everything(tmp_path, dataset, mlflow_server):
@@ -117,7 +125,8 @@ def test_pretrain_learns_and_tracks_everything(tmp_path, dataset, mlflow_server)
     steps = 80
     cfg = tiny_config(tmp_path, dataset, mlflow_server.uri, "pretrain.concurrent=true",
                       *_job("teacher", steps=steps, checkpoint_every=40, eval_every=40),
-                      *_job("reconstructor", steps=steps, checkpoint_every=40, eval_every=40, lr=5e-4))
+                      *_job("reconstructor", steps=steps, checkpoint_every=40, eval_every=40, lr_schedule="cosine",
+                            lr_warmup_steps=10))
     out = pretrain.run(cfg)
     print(out.summary())
     assert out.val_source == "manifest" and out.eval_keys == ["procedural-0005", "procedural-0007"]
@@ -133,7 +142,8 @@ def test_pretrain_learns_and_tracks_everything(tmp_path, dataset, mlflow_server)
         run = runs[target]
         assert run.info.status == "FINISHED"
         # config as params
-        assert run.data.params[f"pretrain.{target}.lr"] == ("0.001" if target == "teacher" else "0.0005")
+        assert run.data.params[f"pretrain.{target}.lr"] == "0.001"
+        assert run.data.params[f"pretrain.{target}.lr_schedule"] == ("constant" if target == "teacher" else "cosine")
         assert run.data.params["models.teacher.tile_size"] == "16"
         # losses and learning rates at every step
         loss, lr = history(client, run.info.run_id, "train/loss"), history(client, run.info.run_id, "train/lr")
@@ -152,29 +162,43 @@ def test_pretrain_learns_and_tracks_everything(tmp_path, dataset, mlflow_server)
                 else f"weights/{target}/model.safetensors") in weights
     # Beating a random network at step 0 is not learning: a constant image scores about what a model that
     # learnt only the background or the mean colour does. Baselines on the same held-out batch: constant
-    # white (the background) and the mean training image; and every object's output must be closer to
-    # its own ground truth than to the other held-out object's.
+    # white (the background), the mean training image and (reconstructor) each object's own mean colour.
     base = baselines(cfg, dataset)
     paired = {t: history(client, runs[t].info.run_id, k)[-1][1]
               for t, k in (("teacher", "eval/psnr_sample_paired_min"), ("reconstructor", "eval/psnr_paired_min"))}
-    # the teacher's diffusion loss, trained vs a fresh random UNet, in one latent space (the trained VAE's:
-    # it trains jointly, so the logged step-0 and final losses are in different spaces)
+    # the teacher's diffusion loss in one latent space (the trained VAE's: it trains jointly, so the logged
+    # step-0 and final losses are in different spaces): trained, condition dropped, a fresh random UNet
     teacher = load_teacher(cfg.models.teacher.model_copy(update={"pretrained": out.teacher_uri}))
-    trained_loss, random_loss = diffusion_losses(teacher, cfg, dataset)
+    dl = diffusion_losses(teacher, cfg, dataset)
     print(f"held-out PSNR (untrained -> {steps} steps): teacher samples {report['teacher'][0]:.2f} -> "
           f"{report['teacher'][1]:.2f} dB, reconstructor renders {report['reconstructor'][0]:.2f} -> "
           f"{report['reconstructor'][1]:.2f} dB; baselines {base}; own-minus-other PSNR (min) {paired}; teacher "
-          f"diffusion loss {trained_loss:.3f} vs {random_loss:.3f} for a random UNet")
-    # Measured at 80 steps (two sessions; the dataset is re-rendered each time): teacher samples 11.78 / 11.75
-    # dB vs white 7.84 / train mean 13.06; reconstructor renders 13.29 / 12.38 vs white 8.13 / train mean
-    # 12.44; own-minus-other margins -0.42 / -0.46 (teacher), -0.34 / -1.25 dB (reconstructor); diffusion
-    # loss 0.700 / 0.757 vs 1.003 / 1.126 for a random UNet. So at this size both models learn more than
-    # the background (4 dB above white) and the teacher's UNet has learnt the data, but neither reliably
-    # beats the mean training image nor is specific to its object: those claims are NOT made here (a
-    # longer run is needed; the margins are logged as eval/psnr_sample_paired_min, eval/psnr_paired_min).
+          f"diffusion loss {dl}")
+    # What is fair to demand, and what 80 steps give (measured):
+    # * The reconstructor is a deterministic regression model: it must beat every constant image, the mean
+    #   training image included (the MSE-optimal constant). With a cosine schedule (lr 1e-3, 10 warmup
+    #   steps) it does: in-process runs (no Ray; same sizes, batch 2) ended 0.95 / 1.31 dB above the train
+    #   mean at 80 steps (seeds 0 / 1) and 1.34 / 0.69 / 1.03 dB at 120 (seeds 0 / 1 / re-render), against
+    #   0.65 dB (seed 0) with the former constant lr 5e-4, which in two Ray runs ended 0.85 and -0.06 dB.
+    #   Each object's own mean colour scores ~1.7 dB below the train mean, so a model that only passes
+    #   colour through fails too; the train-mean image itself fails by construction; and the same run
+    #   with every input view blanked to white (cameras only: it learns a mean blob) ended 0.12 dB above
+    #   the train mean (seed 0), below the 0.3 dB asserted.
+    # * Object specificity (own-minus-other PSNR, eval/psnr_paired_min) is NOT asserted: the renders are
+    #   still blobs in colours learnt from the 6 training objects, not the held-out object's (margins
+    #   -1.8 to +0.03 dB at 80-120 steps, still -1.1 dB after 400 steps at lr 5e-4: it memorises, it does
+    #   not yet pass the input's colours through).
+    # * The teacher is generative: a sample drawn from noise is not the MSE-optimal prediction, so its
+    #   sample PSNR need not beat the mean image even for a perfect model (measured 11.8 vs 13.1 dB). The
+    #   principled test of learning the data is the held-out diffusion loss vs a random UNet's (asserted:
+    #   0.70-0.76 vs 1.00-1.13). The principled test of using the condition is the same loss with the
+    #   condition dropped ("uncond"): at 80 steps the two are equal to 0.001 (also for a teacher trained
+    #   with drop_cond_prob=1, which passes every teacher check here), i.e. this teacher has learnt the
+    #   unconditional distribution only; so condition use and object specificity are NOT asserted.
     for target in ("teacher", "reconstructor"):
         assert report[target][1] > base[target]["white"] + 2.5, (target, report, base)
-    assert trained_loss < random_loss - 0.2, (trained_loss, random_loss)
+    assert report["reconstructor"][1] > max(base["reconstructor"].values()) + 0.3, (report, base)
+    assert dl["trained"] < dl["random"] - 0.2, dl
 
     # the exported weights load with the model loaders
     teacher = load_teacher(cfg.models.teacher.model_copy(update={"pretrained": out.teacher_uri}))
