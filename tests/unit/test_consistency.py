@@ -8,10 +8,8 @@ and random views, RGBA, with cameras.json and the noise the teacher sampled from
 * one step trains the generator only: the reconstructor and the teacher's encoders stay
   bit-identical and get no gradient; a checkpoint round trip resumes exactly;
 * bad samples fail with one line naming the shard and the object;
-* it does its job: on held-out objects, renders of the reconstruction of the generator's views get
-  closer to the pseudo-GT over training (PSNR up), and a frozen generator (the broken variant) does not
-  (pseudo-GT made as the pipeline makes it: the teacher's DDIM from saved noise through the frozen
-  reconstructor, :class:`geco.pseudo_gt.PseudoGT`);
+* (that it does its job on held-out objects is tests/integration/test_stage2_learns.py: it needs a
+  teacher that has learnt something, trained on rendered objects);
 * the export is a GECO bundle that `geco generate` loads.
 """
 from __future__ import annotations
@@ -34,8 +32,6 @@ MODELS = {"teacher": {"tile_size": TILE, "cond_size": 32, "tiny_clip_image_size"
           "reconstructor": {"input_size": 16, "lgm": {"down_channels": [8, 16, 32], "down_attention": [False, False, True],
                                                       "up_channels": [32, 16], "up_attention": [True, False],
                                                       "num_heads": 2, "norm_groups": 4, "layers_per_block": 1}}}
-STEPS_DOES_ITS_JOB = 24
-MARGIN_DB = 0.2  # held-out PSNR gain that counts as learning (measured +0.33..+1.28 dB; a frozen generator: 0)
 TINY = ["stage2.lambda_lpips=0", "stage2.views_per_step=4", "stage2.train.steps=4", "stage2.train.lr=1e-3",
         "stage2.train.gradient_checkpointing=false", "stage2.train.max_grad_norm=1.0"]
 
@@ -57,19 +53,18 @@ def _npy(arr: np.ndarray) -> bytes:
 
 def blob_object(seed: int, n: int = 240):
     """One of a family of objects: three ellipsoidal blobs of Gaussians at fixed places inside
-    [-0.6, 0.6]^3, each in a colour of its own per seed (objects share their shape, as a class of
-    objects does: what the generator learns on some can carry over to others). The object fills about
-    half of a 16 px view (smaller, a reconstructor trained on a few of them ignores its input)."""
+    [-0.4, 0.4]^3, each in a colour of its own per seed (objects share their shape, as a class of
+    objects does: what the generator learns on some can carry over to others)."""
     from geco.gaussians import Gaussians
 
     g = torch.Generator().manual_seed(seed)
     parts = 3
-    centres = torch.tensor([[0.0, 0.0, -0.24], [0.24, 0.16, 0.16], [-0.24, -0.16, 0.24]])
+    centres = torch.tensor([[0.0, 0.0, -0.15], [0.15, 0.1, 0.1], [-0.15, -0.1, 0.15]])
     colours = torch.rand(parts, 3, generator=g) * 0.8 + 0.1
     part = torch.arange(n) % parts
-    means = centres[part] + torch.randn(n, 3, generator=g) * 0.128
+    means = centres[part] + torch.randn(n, 3, generator=g) * 0.08
     quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1)
-    return Gaussians(means=means, quats=quats, scales=torch.full((n, 3), 0.08), opacities=torch.full((n,), 0.9),
+    return Gaussians(means=means, quats=quats, scales=torch.full((n, 3), 0.05), opacities=torch.full((n,), 0.9),
                      rgb=colours[part])
 
 
@@ -117,36 +112,6 @@ def bundle(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("stage1-bundle") / "bundle"
     return init_tiny_bundle(root, tiny_models_config(base=MODELS), seed=3)
-
-
-RECON_STEPS = 100  # 40 steps: its renders hardly depend on its input views, and stage 2 moves nothing
-
-
-def bundle_with_trained_reconstructor(bundle: str, dest, steps: int = RECON_STEPS) -> str:
-    """``bundle`` with its reconstructor trained (LGM-style, :class:`ReconstructorPretrainTask`) on
-    other objects of the blob family: stage 2 works through a trained, frozen reconstructor (a random
-    one barely responds to its input views)."""
-    from geco.models.bundle import load_bundle, save_bundle
-    from geco.train.pretrain import ReconstructorPretrainTask
-
-    b = load_bundle(bundle)
-    cfg = load_config(None, [f"models.reconstructor.{k}={json.dumps(v)}" for k, v in MODELS["reconstructor"].items()]
-                      + ["models.reconstructor.lambda_lpips=0", "pretrain.reconstructor.lr=2e-3",
-                         "pretrain.reconstructor.supervision_views=4", "pretrain.reconstructor.render_size=16"])
-    task = ReconstructorPretrainTask(cfg, cfg.pretrain.reconstructor, WorkerContext())
-    rows = make_rows([f"r-{i}" for i in range(8)], num_random=6, seed0=500)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        batches = [task.prepare(rows[i:i + 2]) for i in range(0, len(rows), 2)]
-        for step in range(steps):
-            task.train_step([batches[step % len(batches)]], step)
-    task.recon.eval().requires_grad_(False)
-    return save_bundle(dest, b.teacher, b.generator, task.recon, b.cfg)
-
-
-@pytest.fixture(scope="module")
-def trained_bundle(tmp_path_factory, bundle) -> str:
-    return bundle_with_trained_reconstructor(bundle, tmp_path_factory.mktemp("stage1-trained-r") / "bundle")
 
 
 @pytest.fixture(scope="module")
@@ -253,71 +218,6 @@ def test_bad_samples_name_the_shard_and_object(bundle, noise_shape):
     plain = {k: v for k, v in good.items() if k != "noise.npy"}
     n1, n2 = task.prepare([plain])["noise"], task.prepare([plain])["noise"]
     assert torch.equal(n1, n2) and n1.shape == (1, *noise_shape)
-
-
-# ------------------------------------------------------------------------------------------
-# it does its job
-# ------------------------------------------------------------------------------------------
-def _train_and_eval(bundle, train_rows, val_rows, steps: int, *extra: str) -> list[float]:
-    task, _ = make_task(bundle, *extra)
-    val = task.prepare(val_rows, training=False)
-    psnrs = [task.evaluate(val, 0).metrics["psnr"]]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for step in range(steps):
-            i = (2 * step) % len(train_rows)
-            task.train_step([task.prepare(train_rows[i:i + 2])], step)
-            if (step + 1) % (steps // 2) == 0:
-                psnrs.append(task.evaluate(val, step + 1).metrics["psnr"])
-    return psnrs
-
-
-def teacher_pseudo_gt(trained_bundle: str, keys: list[str], seed0: int = 100) -> list[dict]:
-    """Pseudo-GT samples of blob objects made as the pipeline makes them (:class:`geco.pseudo_gt.PseudoGT`):
-    the generator's own teacher (the tiny bundle's, seed 3: the generator is a copy of its UNet) samples
-    8-step DDIM from each object's saved noise, the bundle's trained reconstructor turns the six views
-    into Gaussians, rendered at the 6 Zero123++ poses + 10 random views."""
-    from geco.models.bundle import load_bundle
-    from geco.models.teacher import build_tiny_teacher
-    from geco.pseudo_gt import PseudoGT
-
-    b = load_bundle(trained_bundle)
-    teacher = build_tiny_teacher(b.cfg.teacher, seed=3).eval()
-    assert all(torch.equal(v, b.generator.unet.state_dict()[k]) for k, v in teacher.unet.state_dict().items())
-    cfg = load_config(None, ["pseudo_gt.steps=8", "pseudo_gt.num_views=16", f"pseudo_gt.resolution={TILE}"])
-    renders = [dict(splat_members(k, seed0 + i, num_random=6), __key__=k) for i, k in enumerate(keys)]
-    rows = []
-    for r in PseudoGT(teacher, b.reconstructor.eval(), cfg.pseudo_gt).run(renders):
-        row = sample_from_members(r.key, {**r.members, "meta.json": b"{}"}, require_depth=False, require_normals=False)
-        row["__url__"] = "/data/pgt/shard-000000.tar"
-        rows.append(row)
-    return rows
-
-
-@pytest.mark.slow
-def test_stage2_brings_held_out_renders_closer_to_the_pseudo_gt(trained_bundle):
-    """Stage 2 as the pipeline runs it, at unit scale: pseudo-GT from the teacher's multi-step DDIM
-    (saved noise) through the trained, frozen reconstructor; the generator (one step, from the same
-    noise) fine-tuned so that the renders of the reconstruction of its views match. On held-out
-    objects (never trained on; the same family of shapes, colours of their own) their PSNR vs the
-    pseudo-GT rises over training by a margin; a frozen generator (the broken variant: lr ~ 0) stays
-    exactly where it was. Evaluation is deterministic (fixed condition seed, saved noise), so any
-    change is the training's.
-
-    Measured (24 steps, lr 2e-4, 8 training objects, 4 object sets): +0.33, +0.49, +0.51, +1.28 dB;
-    lr 1e-4: +0.37, +0.63. Through a reconstructor trained 40 steps instead of 100, whose renders
-    hardly depend on its input views, nothing moves (-0.4 dB): stage 2 works through the reconstructor."""
-    rows = teacher_pseudo_gt(trained_bundle, [f"obj-{i}" for i in range(10)])
-    train_rows, val_rows = rows[:8], rows[8:]
-    steps = STEPS_DOES_ITS_JOB
-    common = ["stage2.use_saved_noise=true", "stage2.train.max_grad_norm=0"]
-    trained = _train_and_eval(trained_bundle, train_rows, val_rows, steps, "stage2.train.lr=2e-4", *common)
-    frozen = _train_and_eval(trained_bundle, train_rows, val_rows, steps, "stage2.train.lr=1e-12", *common)
-    print(f"held-out PSNR vs the pseudo-GT at steps 0/{steps // 2}/{steps}: stage 2 {[round(p, 2) for p in trained]}, "
-          f"frozen generator {[round(p, 2) for p in frozen]}")
-    assert trained[0] == frozen[0]  # the same start
-    assert max(abs(p - frozen[0]) for p in frozen) < 0.01  # the broken variant does not move
-    assert trained[-1] > trained[0] + MARGIN_DB, f"held-out PSNR did not rise: {trained}"
 
 
 # ------------------------------------------------------------------------------------------
