@@ -627,10 +627,10 @@ def _pack(means2d, conics, opacities, colors) -> Tensor:
 def _blocks(bins: dict, packed: Tensor):
     """Walk every chunk front to back in blocks of Gaussians, carrying the transmittance.
 
-    Yields, per block: the tile ids still composited [T], the block's start in the lists,
-    Gaussian ids [T, B], their packed rows [T, B, 6 + D], the _alphas tuple, T before each
-    Gaussian, the kept mask as 0/1 (the 1e-4 stop rule: T after a kept Gaussian is > 1e-4; a
-    prefix since T never increases) and the weights alpha * T * kept. A tile whose pixels have
+    Yields, per block: the tile ids still composited [T], Gaussian ids [T, B], their packed
+    rows [T, B, 6 + D], the _alphas tuple, T before each Gaussian, the kept mask as 0/1 (the
+    1e-4 stop rule: T after a kept Gaussian is > 1e-4; a prefix since T never increases) and the
+    weights alpha * T * kept. A tile whose pixels have
     all stopped leaves its chunk after that block (what follows would have weight 0, and no
     gradient); the chunk ends once none is left. The last item is T after the block [T, P]:
     a tile's final transmittance in the last block that yields it.
@@ -650,7 +650,7 @@ def _blocks(bins: dict, packed: Tensor):
             weights = alpha * before * keep
             trans = torch.minimum(trans, (after * keep + (1.0 - keep)).amin(dim=-1))
             running = keep[..., -1]
-            yield chunk, k0, blk, params, terms, before, keep, weights, trans
+            yield chunk, blk, params, terms, before, keep, weights, trans
             live = running.amax(dim=1) > 0  # tiles with a pixel still running
             if not bool(live.all()):
                 if not bool(live.any()):
@@ -678,7 +678,7 @@ class _Composite(torch.autograd.Function):
         P, D = bins["tile"] ** 2, colors.shape[-1]
         acc = colors.new_zeros(n_tiles, P, D)
         trans = colors.new_ones(n_tiles, P)
-        for chunk, _, _, params, _, _, _, weights, chunk_trans in _blocks(bins, packed):
+        for chunk, _, params, _, _, _, weights, chunk_trans in _blocks(bins, packed):
             acc[chunk] += torch.einsum("tpk,tkd->tpd", weights, params[..., 6:])
             trans[chunk] = chunk_trans
         ctx.bins = bins
@@ -701,7 +701,7 @@ class _Composite(torch.autograd.Function):
 
         grads = torch.zeros_like(packed)  # same packing: mx, my, a, b, c, opacity, colour
         carried = torch.zeros_like(total)  # per pixel, sum_{j <= k} w_j u_j over the blocks so far
-        for chunk, _, blk, params, terms, before, keep, weights, _ in _blocks(bins, packed):
+        for chunk, blk, params, terms, before, keep, weights, _ in _blocks(bins, packed):
             dx, dy, gauss, raw, alpha = terms
             g = g_acc[chunk]
             u = torch.einsum("tpd,tkd->tpk", g, params[..., 6:])
