@@ -21,19 +21,16 @@ def available() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    names = [a for a in argv if not a.startswith("-")]
-    # option values (e.g. --out DIR) are not benchmark names
-    opts, i = [], 0
-    while i < len(argv):
-        a = argv[i]
+    known = available()
+    # an option's value (--out DIR, --deadline-s 300) is the word after it that is no benchmark name
+    names, opts = [], []
+    for i, a in enumerate(argv):
         if a.startswith("-"):
             opts.append(a)
-            if "=" not in a and a in ("--out",) and i + 1 < len(argv):
-                opts.append(argv[i + 1])
-                names.remove(argv[i + 1])
-                i += 1
-        i += 1
-    known = available()
+        elif i and argv[i - 1].startswith("-") and "=" not in argv[i - 1] and a not in known:
+            opts.append(a)
+        else:
+            names.append(a)
     if any(n in ("-h", "--help") for n in opts) and not names:
         print(__doc__)
         print("benchmarks:", ", ".join(known))

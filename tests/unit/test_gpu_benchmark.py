@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
+from benchmarks import __main__ as bench_main
 from benchmarks import gpu
 
 ROW_KEYS = {"case", "value", "unit", "baseline", "ratio", "target", "meets_target"}
@@ -109,3 +112,35 @@ def test_a_check_past_its_budget_is_stopped(tmp_path):
     assert time.monotonic() - t0 < 10
     [r] = run.rows
     assert "spin - FAILED: CheckTimeout" in r["case"]
+
+
+def test_only_the_named_checks_run(tmp_path):
+    ran = []
+    checks = [(name, lambda r, n=name: ran.append(n), 5.0) for name in ("inference float16", "stage2", "splat parity")]
+    run = gpu.Run(device=torch.device("cpu"), paper=False, quick=True, deadline=time.monotonic() + 600,
+                  out=str(tmp_path))
+    gpu.run_checks(run, checks, only=["splat", "stage2"])
+    assert ran == ["stage2", "splat parity"]
+
+
+def test_a_check_waits_for_the_gsplat_build_and_names_its_failure(tmp_path):
+    """A check that rasterizes on CUDA waits for the background build (a second, concurrent JIT build
+    broke both on the H200) and a failed build is an error quoting its log."""
+    log = tmp_path / "build.log"
+    log.write_text("nvcc: fatal error on purpose\n")
+    run = gpu.Run(device=torch.device("cpu"), paper=True, quick=True, deadline=time.monotonic() + 600,
+                  out=str(tmp_path))
+    run.gsplat_log, run.gsplat_build_t0 = str(log), time.monotonic()
+    run.gsplat_build = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(1); sys.exit(3)"])
+    with pytest.raises(RuntimeError, match="exit 3.*fatal error on purpose"):
+        gpu.await_gsplat(run)
+    assert run.gsplat_build.returncode == 3 and run.details["gsplat_build_s"] >= 0.9
+
+
+def test_option_values_are_not_benchmark_names(monkeypatch):
+    """``python -m benchmarks gpu --deadline-s 300 --out DIR`` passes both values on to gpu's main."""
+    seen = {}
+    monkeypatch.setattr(gpu, "main", lambda opts: seen.setdefault("opts", opts))
+    assert bench_main.main(["gpu", "--deadline-s", "300", "--out", "d", "--quick"]) == 0
+    assert seen["opts"] == ["--deadline-s", "300", "--out", "d", "--quick"]
+    assert bench_main.main(["gpu", "--quick", "gpu", "nonsense"]) == 2  # a misspelt name still stops the run
