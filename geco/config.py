@@ -359,6 +359,10 @@ class PretrainTeacherConfig(TrainJobConfig):
     vae_loss_weight: float = Field(1.0, ge=0)  # weight of the VAE reconstruction loss (0 = keep the VAE as built)
     vae_kl_weight: float = Field(1e-3, ge=0)  # per-element KL weight: keeps latents near unit variance
     vae_scaling_factor: float = Field(1.0, gt=0)  # the new VAE's latent scale (SD's 0.18215 fits SD's VAE, not this one)
+    # The new CLIP image encoder is random too: frozen, it gives nearly one embedding for every image
+    # (cosine 0.97 between images) and the UNet barely learns to use its condition. True trains it with
+    # the UNet (Zero123++ keeps its released CLIP frozen; this is for teachers made from scratch).
+    train_image_encoder: bool = True
     eval_steps: int = Field(10, ge=1)  # DDIM steps of the evaluation samples
     eval_guidance_scale: float = Field(1.0, ge=1.0)  # CFG of the evaluation samples
     eval_timesteps: int = Field(8, ge=1)  # evenly spaced timesteps of the held-out diffusion loss

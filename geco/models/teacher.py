@@ -615,9 +615,16 @@ class Zero123PlusTeacher(nn.Module):
         return images.clamp(0, 1) if clamp else images
 
     # -- condition -----------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_condition(self, cond_rgb: torch.Tensor, generator: torch.Generator | None = None) -> Condition:
-        """Condition images in [0, 1] [B, 3, H, W] (background already composited) -> :class:`Condition`."""
+        """Condition images in [0, 1] [B, 3, H, W] (background already composited) -> :class:`Condition`.
+        No gradient, except into an image encoder that is being trained (teacher pretraining)."""
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_encoder.parameters())
+        with torch.no_grad():
+            cond = self._encode_condition(cond_rgb, generator, trainable)
+        return cond
+
+    def _encode_condition(self, cond_rgb: torch.Tensor, generator: torch.Generator | None,
+                          image_grad: bool) -> Condition:
         if cond_rgb.ndim != 4 or cond_rgb.shape[1] != 3:
             raise ValueError(f"expected condition images [B, 3, H, W], got {tuple(cond_rgb.shape)}")
         x = cond_rgb.to(self.device, torch.float32).clamp(0, 1)
@@ -628,9 +635,10 @@ class Zero123PlusTeacher(nn.Module):
         cond_lat = (post.sample(generator) if sample else post.mode()).float()
         # global condition: text states + ramped CLIP image embedding
         clip_in = self.clip_preprocess(x).to(self.vision_encoder.dtype)
-        embeds = self.vision_encoder(pixel_values=clip_in).image_embeds.float()
         text = self.text_states.expand(b, -1, -1)
-        hidden = text + embeds[:, None, :] * self.ramp[None, :, None]
+        with torch.enable_grad() if image_grad else contextlib.nullcontext():
+            embeds = self.vision_encoder(pixel_values=clip_in).image_embeds.float()
+            hidden = text + embeds[:, None, :] * self.ramp[None, :, None]
         # unconditional: text alone, and the latent of a uniform grey image (zeros when 0.5)
         ch, cw = self.vae_preprocess.crop
         grey = torch.full((1, 3, ch, cw), float(self.cfg.uncond_image_value), device=self.device)

@@ -125,7 +125,7 @@ class TeacherPretrainTask(TrainTask):
     @classmethod
     def config_hash(cls, cfg, job, inputs=None) -> str:
         return config_hash(cls.name, _models_section(cfg.models.teacher, _TEACHER_RUNTIME_FIELDS),
-                           job.vae_scaling_factor, job.vae_loss_weight > 0)
+                           job.vae_scaling_factor, job.vae_loss_weight > 0, job.train_image_encoder)
 
     def __init__(self, cfg, job, ctx: WorkerContext, inputs=None):
         from geco.models.teacher import build_tiny_teacher
@@ -139,6 +139,8 @@ class TeacherPretrainTask(TrainTask):
         teacher.unet.requires_grad_(True)
         if job.vae_loss_weight > 0:
             teacher.vae.requires_grad_(True)
+        if job.train_image_encoder:
+            teacher.vision_encoder.requires_grad_(True)
         if job.gradient_checkpointing:
             teacher.unet.enable_gradient_checkpointing()
         self.teacher = teacher
@@ -151,11 +153,14 @@ class TeacherPretrainTask(TrainTask):
         # only the trained parts; the frozen CLIP encoders stay in eval mode
         self.teacher.unet.train(on)
         self.teacher.vae.train(on and self.job.vae_loss_weight > 0)
+        self.teacher.vision_encoder.train(on and self.job.train_image_encoder)
 
     def modules(self) -> dict[str, nn.Module]:
         mods = {"unet": self.teacher.unet}
         if self.job.vae_loss_weight > 0:
             mods["vae"] = self.teacher.vae
+        if self.job.train_image_encoder:
+            mods["vision_encoder"] = self.teacher.vision_encoder
         return mods
 
     def optimizers(self):
