@@ -158,9 +158,10 @@ def test_killed_driver_resumes_and_killed_worker_recovers(tmp_path, pseudo_gt, b
             assert proc.poll() is None, f"the driver exited early ({proc.returncode})"
             time.sleep(0.5)
     finally:
-        # the driver and every process it started: its own Ray, whose raylet and training worker run in
-        # sessions of their own, out of reach of killpg. Left alive, the orphan worker trained on and
-        # wrote checkpoint 6 after the listing below (CI, once: "resumed from step 6", saved [2, 4]).
+        # the driver and every process it started: its own Ray, whose raylet starts each worker as the
+        # leader of a process group of its own (seen: pgid = the worker's pid), out of killpg's reach.
+        # Left alive, the orphaned training worker went on and wrote checkpoint 6 after the listing
+        # below (CI, once: "resumed from step 6" with [2, 4] listed).
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         os.killpg(proc.pid, signal.SIGKILL)
         for p in tree:
