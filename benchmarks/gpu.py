@@ -719,6 +719,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checks", default="", help="comma-separated parts of check names to run (default: all), "
                    "e.g. 'splat,stage2,pseudo' to re-run what an earlier lease missed")
     args = p.parse_args(argv)
+    only = [c.strip() for c in args.checks.split(",") if c.strip()]
+    if unknown := [o for o in only if not any(o in name for name, _, _ in CHECKS)]:
+        p.error(f"--checks: {', '.join(unknown)} names no check; the checks: {', '.join(n for n, _, _ in CHECKS)}")
 
     import torch
 
@@ -749,7 +752,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not cuda:  # one CPU thread: on a shared machine OpenMP's spinning threads make small ops far slower
         torch.set_num_threads(1)
     try:
-        run_checks(run, only=[c.strip() for c in args.checks.split(",") if c.strip()])
+        run_checks(run, only=only)
     finally:
         torch.set_num_threads(threads)
         if run.gsplat_build is not None and run.gsplat_build.poll() is None:

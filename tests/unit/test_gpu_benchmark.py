@@ -123,6 +123,14 @@ def test_only_the_named_checks_run(tmp_path):
     assert ran == ["stage2", "splat parity"]
 
 
+def test_a_misspelt_check_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["--checks=splat,stage3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--checks: stage3 names no check" in err and "splat parity" in err, err
+
+
 def test_a_check_waits_for_the_gsplat_build_and_names_its_failure(tmp_path):
     """A check that rasterizes on CUDA waits for the background build (a second, concurrent JIT build
     broke both on the H200) and a failed build is an error quoting its log."""
