@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from geco.config import load_config
 from geco.data import shards
 from geco.data.loader import iter_dataset
 from geco.data.procedural import make_procedural_glb, make_procedural_object
+from tests.processes import wait_gone
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
@@ -198,19 +198,7 @@ def test_hang_times_out_and_killed_actor_is_restarted(tmp_path, ray_local, monke
 
     # the SIGKILLed actor's Blender (rendering procedural-0003 then) noticed and left
     orphan = int(re.search(r"blender (\d+)", sigkilled.read_text()).group(1))
-    deadline = time.monotonic() + 10
-    while _alive(orphan) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(orphan), f"Blender {orphan} outlived its SIGKILLed actor"
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie counts as gone: it is only waiting for its parent to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not wait_gone([orphan], timeout=10), f"Blender {orphan} outlived its SIGKILLed actor"
 
 
 def test_mostly_failing_job_aborts_and_keeps_what_it_committed(tmp_path, ray_local):

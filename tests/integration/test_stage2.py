@@ -28,6 +28,7 @@ import yaml
 
 from geco.config import load_config
 from tests.console import own_lines
+from tests.processes import wait_gone
 from tests.unit.test_consistency import MODELS, make_rows
 
 pytestmark = [pytest.mark.slow]
@@ -123,22 +124,6 @@ def test_stage2_trains_tracks_exports_and_reruns_for_free(tmp_path, pseudo_gt, b
     assert "nothing to do" in again.summary()
 
 
-def _all_gone(procs: list[psutil.Process], timeout: float) -> bool:
-    """Every process exited (a zombie awaiting its reaper counts as exited) within ``timeout`` s."""
-    def gone(p: psutil.Process) -> bool:
-        try:
-            return p.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    deadline = time.monotonic() + timeout
-    while not all(gone(p) for p in procs):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def test_killed_driver_resumes_and_killed_worker_recovers(tmp_path, pseudo_gt, bundle, ray_local, monkeypatch):
     from geco.faults import ENV as FAULT_ENV
     from pipelines import stage2
@@ -162,13 +147,15 @@ def test_killed_driver_resumes_and_killed_worker_recovers(tmp_path, pseudo_gt, b
         # leader of a process group of its own (seen: pgid = the worker's pid), out of killpg's reach.
         # Left alive, the orphaned training worker went on and wrote checkpoint 6 after the listing
         # below (CI, once: "resumed from step 6" with [2, 4] listed).
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        driver = psutil.Process(proc.pid)
+        tree = [driver, *driver.children(recursive=True)]
         os.killpg(proc.pid, signal.SIGKILL)
         for p in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         proc.wait()
-        assert _all_gone(tree, timeout=30), f"processes of the killed driver survived: {tree}"
+        left = wait_gone([p.pid for p in tree], timeout=30)
+        assert not left, f"processes of the killed driver survived: {left}"
     saved = sorted(int(p.parent.name.split("_")[1]) for p in train.glob("*/checkpoint_*/checkpoint.json"))
     assert saved and 4 <= saved[-1] < 40, saved
     cfg = tiny_config(tmp_path, ["tracking.enabled=false"], *_job(steps=saved[-1] + 2, eval_every=0))
